@@ -1,0 +1,266 @@
+"""clip -> taps: S3D (Xie et al. 2018, "Rethinking spatiotemporal feature learning"), as torchvision builds it.
+
+Channels-last throughout: a clip is (N, T, H, W, C), float32 (or float64 under
+`jax_enable_x64`), already preprocessed (see `berg_jax.preprocess`). The model returns a
+dict of the seven activations the encoding model reads, keyed by torchvision's node
+names, and optionally the Kinetics-400 logits.
+
+Every "unit" is Conv3d(bias=False) -> BatchNorm3d(eps=1e-3) -> ReLU. The parameters this
+module holds are the *folded* form, BN already merged into the convolution
+(kernel (kT, kH, kW, in, out), bias (out,)); `berg_jax.weights` does the folding in
+float64 when it loads torchvision's state_dict.
+
+S3D's convolutions are separable: (1, k, k) over space, then (k, 1, 1) over time, and 1x1x1
+inside the inception blocks. XLA:CPU runs true 3-D convolutions slowly, so by default
+each is lowered to the cheaper equivalent op (`conv_impl="2d"`): a 2-D convolution over
+frames for (1, k, k), a 2-D convolution over (time, pixels) for (k, 1, 1), and a matmul for
+1x1x1. `conv_impl="3d"` keeps the literal 3-D form; the tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Precision = Any  # None | jax.lax.Precision | str
+
+# The seven activations BERG's feature extractor returns, in the order they are
+# flattened and concatenated (spec section 5).
+TAP_NAMES: tuple[str, ...] = (
+    "features.2",
+    "features.5.cat",
+    "features.7",
+    "features.9.cat",
+    "features.11.cat",
+    "features.13",
+    "avgpool",
+)
+
+# Channels-last tap shapes (T, H, W, C) for a 14x224x224 clip.
+TAP_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "features.2": (7, 56, 56, 64),
+    "features.5.cat": (7, 28, 28, 256),
+    "features.7": (4, 14, 14, 480),
+    "features.9.cat": (4, 14, 14, 512),
+    "features.11.cat": (4, 14, 14, 528),
+    "features.13": (2, 7, 7, 832),
+    "avgpool": (1, 1, 1, 1024),
+}
+
+# Inception blocks: index in torchvision's `features` -> (in, b0, b1 mid, b1, b2 mid, b2, b3).
+INCEPTION_BLOCKS: dict[int, tuple[int, int, int, int, int, int, int]] = {
+    5: (192, 64, 96, 128, 16, 32, 32),
+    6: (256, 128, 128, 192, 32, 96, 64),
+    8: (480, 192, 96, 208, 16, 48, 64),
+    9: (512, 160, 112, 224, 24, 64, 64),
+    10: (512, 128, 128, 256, 24, 64, 64),
+    11: (512, 112, 144, 288, 32, 64, 64),
+    12: (528, 256, 160, 320, 32, 128, 128),
+    14: (832, 256, 160, 320, 32, 128, 128),
+    15: (832, 384, 192, 384, 48, 128, 128),
+}
+
+N_CLASSES = 400
+CONV_IMPLS = ("2d", "3d")
+
+
+def conv3d(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    precision: Precision = None,
+    conv_impl: str = "2d",
+) -> jax.Array:
+    """A 3-D convolution, channels-last, with symmetric zero padding.
+
+    Args:
+      x: (N, T, H, W, Cin).
+      kernel: (kT, kH, kW, Cin, Cout).
+      stride, padding: per axis (t, h, w); padding is symmetric, never 'SAME' (XLA's SAME
+        pads asymmetrically for stride 2, torch does not).
+      conv_impl: "2d" lowers separable kernels to 2-D convolutions / matmuls; "3d" never does.
+    Returns:
+      (N, T', H', W', Cout), same dtype as x.
+    """
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    kt, kh, kw, cin, cout = kernel.shape
+    st, sh, sw = stride
+    pt, ph, pw = padding
+    n, t, h, w, _ = x.shape
+    if conv_impl == "2d":
+        if (kt, kh, kw, st, sh, sw, pt, ph, pw) == (1, 1, 1, 1, 1, 1, 0, 0, 0):
+            return lax.dot_general(x, kernel[0, 0, 0], (((4,), (0,)), ((), ())), precision=precision)
+        if kt == 1 and st == 1 and pt == 0:
+            # (1, k, k): every frame is an independent 2-D image.
+            y = lax.conv_general_dilated(
+                x.reshape(n * t, h, w, cin), kernel[0], (sh, sw), ((ph, ph), (pw, pw)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+            )
+            return y.reshape(n, t, *y.shape[1:])
+        if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
+            # (k, 1, 1): a 2-D convolution over (time, pixel) with a k x 1 kernel.
+            y = lax.conv_general_dilated(
+                x.reshape(n, t, h * w, cin), kernel[:, 0], (st, 1), ((pt, pt), (0, 0)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+            )
+            return y.reshape(n, y.shape[1], h, w, cout)
+    return lax.conv_general_dilated(
+        x, kernel, tuple(stride), tuple((p, p) for p in padding),
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision,
+    )
+
+
+def max_pool3d(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> jax.Array:
+    """torch's MaxPool3d (floor mode): padding counts as -inf, so it never wins."""
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, *window, 1), (1, *stride, 1),
+        ((0, 0), *((p, p) for p in padding), (0, 0)),
+    )
+
+
+class Unit(nn.Module):
+    """Conv3d -> BatchNorm3d -> ReLU, with BN folded into (kernel, bias)."""
+
+    features: int
+    kernel_size: tuple[int, int, int]
+    stride: tuple[int, int, int] = (1, 1, 1)
+    padding: tuple[int, int, int] = (0, 0, 0)
+    precision: Precision = None
+    conv_impl: str = "2d"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (*self.kernel_size, x.shape[-1], self.features), x.dtype
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
+        y = conv3d(x, kernel, self.stride, self.padding, self.precision, self.conv_impl)
+        return nn.relu(y + bias)
+
+
+class TemporalSeparableConv(nn.Module):
+    """(1, k, k) unit over space, then (k, 1, 1) unit over time (torchvision's names: .0, .1)."""
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    precision: Precision = None
+    conv_impl: str = "2d"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        x = Unit(self.features, (1, k, k), (1, s, s), (0, p, p), self.precision, self.conv_impl, name="spatial")(x)
+        return Unit(self.features, (k, 1, 1), (s, 1, 1), (p, 0, 0), self.precision, self.conv_impl, name="temporal")(x)
+
+
+class SepInceptionBlock3D(nn.Module):
+    """Four branches concatenated on channels: 1x1x1; 1x1x1 -> sep3; 1x1x1 -> sep3; maxpool3 -> 1x1x1."""
+
+    b0: int
+    b1_mid: int
+    b1: int
+    b2_mid: int
+    b2: int
+    b3: int
+    precision: Precision = None
+    conv_impl: str = "2d"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        unit = lambda f, name: Unit(f, (1, 1, 1), precision=self.precision, conv_impl=self.conv_impl, name=name)
+        sep3 = lambda f, name: TemporalSeparableConv(f, 3, 1, 1, self.precision, self.conv_impl, name=name)
+        x0 = unit(self.b0, "branch0")(x)
+        x1 = sep3(self.b1, "branch1_1")(unit(self.b1_mid, "branch1_0")(x))
+        x2 = sep3(self.b2, "branch2_1")(unit(self.b2_mid, "branch2_0")(x))
+        x3 = unit(self.b3, "branch3")(max_pool3d(x, (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+        return jnp.concatenate([x0, x1, x2, x3], axis=-1)
+
+
+class Classifier(nn.Module):
+    """Dropout (identity in eval) -> 1x1x1 Conv3d with bias -> mean over (T, H, W): (N, 1, 1, 1, C) -> (N, classes)."""
+
+    classes: int
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, 1, x.shape[-1], self.classes), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.classes,), x.dtype)
+        y = lax.dot_general(x, kernel[0, 0, 0], (((4,), (0,)), ((), ())), precision=self.precision) + bias
+        return jnp.mean(y, axis=(1, 2, 3))
+
+
+class S3D(nn.Module):
+    """torchvision's `s3d` (Kinetics-400) as a Flax module.
+
+    Attributes:
+      precision: convolution/matmul precision; use `jax.lax.Precision.HIGHEST` for parity
+        on GPU/TPU, where the default float32 precision is TF32/bf16.
+      conv_impl: "2d" (fast lowering of separable convolutions) or "3d" (literal).
+      with_logits: also compute the Kinetics-400 logits (N, 400) under key "logits".
+
+    Call: clips (N, 14, 224, 224, 3) float -> {tap name: (N, T, H, W, C)} (shapes in
+    `TAP_SHAPES`), plus "logits" when asked.
+    """
+
+    precision: Precision = None
+    conv_impl: str = "2d"
+    with_logits: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        p, impl = self.precision, self.conv_impl
+        inception = lambda i: SepInceptionBlock3D(*INCEPTION_BLOCKS[i][1:], p, impl, name=f"features_{i}")
+        taps: dict[str, jax.Array] = {}
+        x = TemporalSeparableConv(64, 7, 2, 3, p, impl, name="features_0")(x)
+        x = max_pool3d(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))  # features.1
+        x = taps["features.2"] = Unit(64, (1, 1, 1), precision=p, conv_impl=impl, name="features_2")(x)
+        x = TemporalSeparableConv(192, 3, 1, 1, p, impl, name="features_3")(x)
+        x = max_pool3d(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))  # features.4
+        x = taps["features.5.cat"] = inception(5)(x)
+        x = inception(6)(x)
+        x = taps["features.7"] = max_pool3d(x, (3, 3, 3), (2, 2, 2), (1, 1, 1))
+        x = inception(8)(x)
+        x = taps["features.9.cat"] = inception(9)(x)
+        x = inception(10)(x)
+        x = taps["features.11.cat"] = inception(11)(x)
+        x = inception(12)(x)
+        x = taps["features.13"] = max_pool3d(x, (2, 2, 2), (2, 2, 2), (0, 0, 0))
+        x = inception(14)(x)
+        x = inception(15)(x)
+        # AvgPool3d((2, 7, 7), stride 1) on a (2, 7, 7) map: one mean per channel.
+        x = taps["avgpool"] = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+        if self.with_logits:
+            taps["logits"] = Classifier(N_CLASSES, p, name="classifier")(x)
+        return taps
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "conv_impl", "with_logits"))
+def extract_taps(
+    params: Any,
+    clips: jax.Array,
+    precision: Precision = None,
+    conv_impl: str = "2d",
+    with_logits: bool = False,
+) -> dict[str, jax.Array]:
+    """The seven S3D activations BERG's encoding model reads.
+
+    Args:
+      params: folded S3D params (`berg_jax.load_s3d`).
+      clips: preprocessed clips (B, 14, 224, 224, 3) float32 (`berg_jax.preprocess`).
+      precision: `jax.lax.Precision.HIGHEST` for float32 parity on GPU/TPU.
+      conv_impl: "2d" (fast, default) or "3d" (literal 3-D convolutions).
+      with_logits: also return the Kinetics-400 logits (B, 400) as "logits".
+    Returns:
+      {tap name: (B, T, H, W, C)} in `TAP_NAMES`, channels-last, the clips' dtype.
+    """
+    return S3D(precision, conv_impl, with_logits).apply({"params": params}, clips)

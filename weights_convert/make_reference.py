@@ -1,0 +1,188 @@
+"""Write the torchvision reference values the parity tests compare against.
+
+    pip install -e ".[reference]"   # torch + torchvision, this script only
+    python -m weights_convert.make_reference [--out tests/fixtures/s3d_reference.npz]
+
+What it does, all seeded (rerunning it on the same machine and library versions gives the
+same bytes):
+  * S3D with `berg_jax.synthetic.random_state_dict(0)` loaded into torchvision's `s3d`;
+  * four synthetic videos (`synthetic_video`) of 256x256, 360x640, 240x320 and 128x171
+    pixels, sampled to 14 frames with BERG's linspace rule;
+  * torchvision's S3D preprocessing (`S3D_Weights.KINETICS400_V1.transforms()`), stored
+    compactly as the uint8 224x224 crop after its resize (as uint8 differences along the
+    width, `decode_crop` undoes them) plus the 256-level lookup table
+    of the normalised values -- the script asserts that `lut[crop]` IS torchvision's
+    float32 output, bit for bit;
+  * torchvision's seven taps in float32 and float64 for those four clips, stored as exact
+    values at 2048 seeded positions per tap, eight seeded random-sign projections of the
+    whole tap (so an error anywhere shows), and the Kinetics logits.
+
+torchvision's compiled ops need CUDA in the PyPI wheel; S3D does not use them, so the
+import of their registrations is stubbed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from berg_jax.preprocess import sample_frame_indices
+from berg_jax.s3d import TAP_NAMES
+from berg_jax.synthetic import random_state_dict, synthetic_video
+
+WEIGHTS_SEED = 0
+# (height, width, n_frames): the sizes BMD-like sources come in, one per resize case.
+SOURCES = ((256, 256, 14), (360, 640, 30), (240, 320, 20), (128, 171, 16))
+N_POSITIONS = 2048
+N_PROJECTIONS = 8
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "s3d_reference.npz"
+
+
+def state_dict_digest(state_dict: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the keys and bytes, so the tests notice if the seeded weights ever change."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(state_dict[key]).tobytes())
+    return h.hexdigest()
+
+
+def tap_positions(tap_index: int, size: int) -> np.ndarray:
+    """Seeded positions (into a channels-last flattened tap) whose exact values are stored."""
+    rng = np.random.default_rng(100 + tap_index)
+    return np.sort(rng.choice(size, size=min(N_POSITIONS, size), replace=False)).astype(np.int64)
+
+
+def tap_signs(tap_index: int, size: int) -> np.ndarray:
+    """Seeded +-1 vectors (N_PROJECTIONS, size); a tap's projection is signs @ flat / sqrt(size)."""
+    rng = np.random.default_rng(200 + tap_index)
+    return (rng.integers(0, 2, size=(N_PROJECTIONS, size), dtype=np.int8) * 2 - 1).astype(np.int8)
+
+
+def project_tap(tap_index: int, flat: np.ndarray) -> np.ndarray:
+    """(B, size) channels-last flattened taps -> (B, N_PROJECTIONS) float64."""
+    signs = tap_signs(tap_index, flat.shape[1]).astype(np.float64)
+    return flat.astype(np.float64) @ signs.T / np.sqrt(flat.shape[1])
+
+
+def reference_clips() -> list[np.ndarray]:
+    """The four source videos, sampled to 14 frames: uint8 (14, H, W, 3) each."""
+    clips = []
+    for i, (h, w, t) in enumerate(SOURCES):
+        video = synthetic_video(seed=10 + i, n_frames=t, height=h, width=w)
+        clips.append(video[sample_frame_indices(t)])
+    return clips
+
+
+def decode_crop(crop_diff: np.ndarray) -> np.ndarray:
+    """Undo the width-wise uint8 differences of a stored crop: (14, 224, 224, 3) uint8."""
+    return np.cumsum(crop_diff, axis=2, dtype=np.uint8)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez_compressed, but with fixed zip timestamps so the bytes are reproducible."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue(), compresslevel=9)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def import_torchvision():
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torch
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from torchvision.models.video import S3D_Weights, s3d
+
+    return torch, torchvision, s3d, S3D_Weights, create_feature_extractor
+
+
+def torch_model(state_dict: dict[str, np.ndarray]):
+    torch, _, s3d, _, create_feature_extractor = import_torchvision()
+    model = s3d(weights=None)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
+    model.eval()
+    return model, create_feature_extractor(model, return_nodes=list(TAP_NAMES))
+
+
+def torch_preprocess(clip: np.ndarray):
+    """uint8 (14, H, W, 3) -> (torchvision's float32 (3, 14, 224, 224), its uint8 crop (14, 224, 224, 3), lut (3, 256))."""
+    torch, torchvision, _, S3D_Weights, _ = import_torchvision()
+    import torchvision.transforms.functional as F
+
+    video = torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2)))  # (T, 3, H, W)
+    out = S3D_Weights.KINETICS400_V1.transforms()(video)
+    crop = F.center_crop(F.resize(video, [256, 256], antialias=False), [224, 224])
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 256).expand(3, 1, 256)
+    lut = F.normalize(F.convert_image_dtype(levels, torch.float32), mean=[0.43216, 0.394666, 0.37645],
+                      std=[0.22803, 0.22145, 0.216989])[:, 0, :]
+    crop_np = crop.numpy().transpose(0, 2, 3, 1)
+    from_lut = lut.numpy()[np.arange(3), crop_np].transpose(3, 0, 1, 2)  # (3, T, 224, 224)
+    if not np.array_equal(from_lut, out.numpy()):
+        raise AssertionError("torchvision's output is not lut[crop]; the compact fixture would be wrong")
+    return out, crop_np, lut.numpy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    torch, torchvision, *_ = import_torchvision()
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True)
+
+    state_dict = random_state_dict(WEIGHTS_SEED)
+    arrays: dict[str, np.ndarray] = {"state_dict_sha256": np.array(state_dict_digest(state_dict))}
+    inputs = []
+    for i, clip in enumerate(reference_clips()):
+        out, crop, lut = torch_preprocess(clip)
+        # Stored as wrapping differences along the width: smooth video compresses 5x better.
+        arrays[f"crop_diff_{i}"] = np.diff(crop, axis=2, prepend=np.uint8(0))
+        arrays["lut"] = lut
+        inputs.append(out)
+    batch = torch.stack(inputs)  # (4, 3, 14, 224, 224)
+
+    model, extractor = torch_model(state_dict)
+    for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        model.to(dtype)
+        with torch.no_grad():
+            taps = extractor(batch.to(dtype))
+            arrays[f"logits_{tag}"] = model(batch.to(dtype)).numpy()
+        for k, name in enumerate(TAP_NAMES):
+            tap = taps[name].numpy().transpose(0, 2, 3, 4, 1)  # channels-last (B, T, H, W, C)
+            flat = tap.reshape(tap.shape[0], -1)
+            pos = tap_positions(k, flat.shape[1])
+            arrays[f"positions_{k}"] = pos
+            arrays[f"values_{tag}_{k}"] = flat[:, pos]
+            arrays[f"proj_{tag}_{k}"] = project_tap(k, flat)
+            arrays[f"maxabs_{tag}_{k}"] = np.abs(flat).max(axis=1)
+    arrays["meta"] = np.array(json.dumps({
+        "weights_seed": WEIGHTS_SEED,
+        "sources": SOURCES,
+        "taps": TAP_NAMES,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_npz(args.out, arrays)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
