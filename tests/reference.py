@@ -12,6 +12,7 @@ from weights_convert.make_reference import (
     WEIGHTS_SEED,
     decode_crop,
     project_tap,
+    sklearn_head as numpy_reference_head,
     reference_clips,
     state_dict_digest,
 )
@@ -19,7 +20,7 @@ from weights_convert.make_reference import (
 FIXTURE = Path(__file__).parent / "fixtures" / "s3d_reference.npz"
 
 __all__ = ["SOURCES", "WEIGHTS_SEED", "load_reference", "project_tap", "reference_clips", "reference_inputs",
-           "state_dict_digest"]
+           "state_dict_digest", "numpy_reference_head"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,7 +16,8 @@ from numpy.lib import format as npy_format
 
 from berg_jax import berg_files as bf
 from berg_jax.errors import InvalidParameterError, ModelLoadError, ValidationError
-from tests.berg_fixtures import make_berg_dir, numpy_reference_head
+from berg_jax.synthetic_berg import make_berg_dir
+from tests.reference import numpy_reference_head
 
 K = 8
 

@@ -44,7 +44,8 @@ def _torchvision():
     """(torch, S3D's preset transform, torch.nn.functional), or skip."""
     torch = pytest.importorskip("torch")
     # The CPU wheel's torchvision registers CUDA-only meta ops at import; S3D needs none.
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    stub = types.ModuleType("torchvision._meta_registrations")
+    sys.modules.setdefault("torchvision._meta_registrations", stub)
     pytest.importorskip("torchvision")
     from torchvision.models.video import S3D_Weights
 
@@ -315,15 +316,18 @@ def test_validate_stimulus_info_and_layout():
 @pytest.mark.parametrize(
     "stimulus, pad_short, match",
     [
-        (np.zeros((14, 3, 8, 8), np.uint8), False, r"5-D array .* got 4-D shape \(14, 3, 8, 8\).*videos\[None\]"),
+        (np.zeros((14, 3, 8, 8), np.uint8), False,
+         r"5-D array .* got 4-D shape \(14, 3, 8, 8\).*videos\[None\]"),
         (np.zeros((1, 14, 4, 8, 8), np.uint8), False, r"3 RGB channels .* got shape \(1, 14, 4, 8, 8\)"),
         (np.zeros((1, 13, 3, 8, 8), np.uint8), False, r"at least 14 frames, got 13; pass pad_short=True"),
         (np.zeros((0, 14, 3, 8, 8), np.uint8), False, r"empty"),
         (np.zeros((1, 0, 3, 8, 8), np.uint8), True, r"empty"),
         (np.full((1, 14, 3, 8, 8), 300, np.int64), False, r"0\.\.255, found min 300, max 300; rescale"),
         (np.full((1, 14, 3, 8, 8), -1, np.int32), False, r"0\.\.255, found min -1, max -1"),
-        (np.full((1, 14, 3, 8, 8), 200.0, np.float32), False, r"0\.\.1 .* found min 200, max 200; .*0\.\.255 pixel values.*uint8"),
-        (np.full((1, 14, 3, 8, 8), -0.5, np.float32), False, r"found min -0\.5, max -0\.5; rescale the values to 0\.\.1"),
+        (np.full((1, 14, 3, 8, 8), 200.0, np.float32), False,
+         r"0\.\.1 .* found min 200, max 200; .*0\.\.255 pixel values.*uint8"),
+        (np.full((1, 14, 3, 8, 8), -0.5, np.float32), False,
+         r"found min -0\.5, max -0\.5; rescale the values to 0\.\.1"),
         (np.full((1, 14, 3, 8, 8), np.nan, np.float32), False, r"NaN or infinite"),
         (np.zeros((1, 14, 3, 8, 8), bool), False, r"dtype bool is not a pixel type"),
         (np.zeros((1, 14, 3, 8, 8), np.complex64), False, r"not a pixel type"),

@@ -28,21 +28,28 @@ import hashlib
 import io
 import json
 import sys
+import tempfile
 import types
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from berg_jax.berg_files import ARRAY_GLOBALS, load_pickled_npy, pca_weights_path, subject_weights_path
 from berg_jax.preprocess import sample_frame_indices
 from berg_jax.s3d import TAP_NAMES
 from berg_jax.synthetic import random_state_dict, synthetic_video
+from berg_jax.synthetic_berg import make_berg_dir
 
 WEIGHTS_SEED = 0
 # (height, width, n_frames): the sizes BMD-like sources come in, one per resize case.
 SOURCES = ((256, 256, 14), (360, 640, 30), (240, 320, 20), (128, 171, 16))
 N_POSITIONS = 2048
 N_PROJECTIONS = 8
+# Synthetic berg_dirs (`make_berg_dir(seed=BERG_SEED, n_components=K)`) whose sklearn
+# components of torchvision's float64 taps are stored, for the end-to-end encoder test.
+BERG_SEED = 0
+BERG_COMPONENTS = (8, 100)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "s3d_reference.npz"
 
 
@@ -71,6 +78,39 @@ def project_tap(tap_index: int, flat: np.ndarray) -> np.ndarray:
     """(B, size) channels-last flattened taps -> (B, N_PROJECTIONS) float64."""
     signs = tap_signs(tap_index, flat.shape[1]).astype(np.float64)
     return flat.astype(np.float64) @ signs.T / np.sqrt(flat.shape[1])
+
+
+def sklearn_components(feats: np.ndarray, berg_dir: str | Path) -> np.ndarray:
+    """StandardScaler + TruncatedSVD (spec section 8) in float64, straight from the files.
+
+    feats: (B, F) concatenated taps, flattened channel-first. Returns (B, K) float64.
+    Read with the restricted unpickler but not through `berg_jax.head`, so the reference
+    shares no code with what it checks beyond the unpickling.
+    """
+    pca = load_pickled_npy(pca_weights_path(berg_dir), ARRAY_GLOBALS)
+    mean = pca["scaler_param"]["mean_"].astype(np.float64)
+    scale = pca["scaler_param"]["scale_"].astype(np.float64)
+    comps = pca["pca_param"]["components_"]
+    feats = np.atleast_2d(np.asarray(feats, dtype=np.float64))
+    proj = np.zeros((feats.shape[0], comps.shape[0]))
+    step = 1 << 18  # chunked over F: no (K, F) float64 copy of the components
+    for lo in range(0, feats.shape[1], step):
+        sl = slice(lo, lo + step)
+        proj += ((feats[:, sl] - mean[sl]) / scale[sl]) @ comps[:, sl].astype(np.float64).T
+    return proj
+
+
+def sklearn_head(feats: np.ndarray, berg_dir: str | Path, subject: int) -> np.ndarray:
+    """The whole sklearn head in float64: (B, F) or (F,) taps -> (B, N_s) or (N_s,) responses."""
+    single = np.ndim(feats) == 1
+    head = load_pickled_npy(subject_weights_path(berg_dir, subject), ARRAY_GLOBALS)
+    out = regress_f64(sklearn_components(feats, berg_dir), head["coef_"], head["intercept_"])
+    return out[0] if single else out
+
+
+def regress_f64(components: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """LinearRegression.predict in float64: (B, K) -> (B, N_s)."""
+    return components @ coef.astype(np.float64).T + intercept.astype(np.float64)
 
 
 def reference_clips() -> list[np.ndarray]:
@@ -171,6 +211,13 @@ def main(argv: list[str] | None = None) -> None:
             arrays[f"values_{tag}_{k}"] = flat[:, pos]
             arrays[f"proj_{tag}_{k}"] = project_tap(k, flat)
             arrays[f"maxabs_{tag}_{k}"] = np.abs(flat).max(axis=1)
+        if tag == "f64":
+            # BERG flattens each tap channel-first and concatenates them in TAP_NAMES order.
+            feats = np.concatenate([taps[name].numpy().reshape(len(batch), -1) for name in TAP_NAMES], axis=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in BERG_COMPONENTS:
+            berg_dir = make_berg_dir(Path(tmp) / f"k{k}", subjects=(), n_components=k, seed=BERG_SEED)
+            arrays[f"components_k{k}"] = sklearn_components(feats, berg_dir)
     arrays["meta"] = np.array(json.dumps({
         "weights_seed": WEIGHTS_SEED,
         "sources": SOURCES,

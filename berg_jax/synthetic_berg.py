@@ -4,7 +4,7 @@
 pca_weights.npy with the real feature count F = 4,084,096, and per subject a
 weights_sub-SS.npy with the real voxel count N_s and a metadata_sub-SS.npy with nibabel
 headers and images. Values are random but seeded, scaled so the head's outputs stay O(1).
-`numpy_reference_head` is the spec's sklearn head in float64, for parity tests.
+Used by the tests and by `berg-jax demo`; nothing in it is a real prediction.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ import nibabel as nib
 import numpy as np
 
 from berg_jax.berg_files import (
-    ARRAY_GLOBALS,
     MASK_SHAPE,
     N_FEATURES,
     N_VOXELS,
     ROI_NAMES,
-    load_pickled_npy,
     metadata_path,
     pca_weights_path,
     subject_weights_path,
@@ -191,38 +189,3 @@ def make_berg_dir(
             meta_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(meta_path, _metadata_dict(subject, seed, rois, tmp), allow_pickle=True)
     return root
-
-
-def numpy_reference_head(
-    taps_flat_f64: np.ndarray, berg_dir: str | os.PathLike, subject: int
-) -> np.ndarray:
-    """The spec's sklearn head (section 8) in float64, straight from the files.
-
-    z = (f - mean_) / scale_; p = z @ components_.T; y = p @ coef_.T + intercept_.
-
-    Args:
-      taps_flat_f64: (B, F) or (F,) concatenated taps, float64 (other floats are upcast).
-      berg_dir: a berg_dir (synthetic or BERG's own).
-      subject: 1..10.
-    Returns:
-      float64 (B, N_s) or (N_s,), all voxels; BERG casts p and y to float32.
-    """
-    feats = np.asarray(taps_flat_f64, dtype=np.float64)
-    single = feats.ndim == 1
-    feats = np.atleast_2d(feats)
-    # Read with the restricted unpickler, but not through load_pca/load_subject_head, so
-    # this reference does not share their code paths beyond the unpickling.
-    pca = load_pickled_npy(pca_weights_path(berg_dir), ARRAY_GLOBALS)
-    head = load_pickled_npy(subject_weights_path(berg_dir, subject), ARRAY_GLOBALS)
-    mean = pca["scaler_param"]["mean_"].astype(np.float64)
-    scale = pca["scaler_param"]["scale_"].astype(np.float64)
-    comps = pca["pca_param"]["components_"]
-    proj = np.zeros((feats.shape[0], comps.shape[0]))
-    # Chunked over F so no (K, F) float64 copy of the components is ever made.
-    step = 1 << 18
-    for lo in range(0, feats.shape[1], step):
-        sl = slice(lo, lo + step)
-        z = (feats[:, sl] - mean[sl]) / scale[sl]
-        proj += z @ comps[:, sl].astype(np.float64).T
-    out = proj @ head["coef_"].astype(np.float64).T + head["intercept_"].astype(np.float64)
-    return out[0] if single else out
