@@ -113,12 +113,14 @@ class BERG:
     def _selected_voxels(self, subject: int, selection: dict | None) -> np.ndarray | None:
         if selection is None:
             return None
-        if not isinstance(selection, dict) or not {"roi", "voxels"} & set(selection):
+        if not isinstance(selection, dict):
             raise InvalidParameterError(
-                f"selection must be None, {{'roi': NAME}} or {{'voxels': MASK}}, got {selection!r}")
+                f"selection must be None, {{'roi': NAME}} or {{'voxels': MASK}}, got {type(selection).__name__}")
         unknown = set(selection) - {"roi", "voxels"}
-        if unknown:
-            raise InvalidParameterError(f"unknown selection keys {sorted(unknown)}; valid keys: 'roi', 'voxels'")
+        if unknown or not selection:
+            raise InvalidParameterError(
+                f"unknown selection keys {sorted(map(str, unknown))}; valid keys: 'roi', 'voxels' "
+                "(e.g. selection={'roi': 'lFFA'})")
         if "roi" in selection:  # BERG: roi wins when both are given
             return berg_files.roi_voxel_indices(self.get_model_metadata(berg_files.MODEL_ID, subject), selection["roi"])
         return berg_files.voxel_mask_indices(selection["voxels"], berg_files.N_VOXELS[subject])
@@ -196,7 +198,8 @@ class BERG:
         """
         clips, info = validate_stimulus(stimulus, pad_short=pad_short)
         out = np.empty((info.n_videos, model.n_voxels), dtype=np.float32)
-        bs = model.batch_size
+        # Fewer videos than a batch compile a smaller power-of-two batch, not a padded full one.
+        bs = min(model.batch_size, 1 << max(info.n_videos - 1, 0).bit_length())
         batches = ((lo, np.asarray(clips[lo: lo + bs])) for lo in range(0, info.n_videos, bs))
         progress = _progress(info.n_videos, show_progress, desc=f"encoding sub-{model.subject:02d}")
         for lo, responses in run_batches(model.encode_fn(), batches, bs):
