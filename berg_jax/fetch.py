@@ -129,7 +129,7 @@ def _make_client(region: str, endpoint_url: str | None) -> Any:
         import botocore
         from botocore.config import Config
     except ImportError as e:  # boto3 is an optional dependency
-        raise DownloadError("fetching BERG's files needs boto3: pip install 'berg-jax[fetch]'") from e
+        raise DownloadError("fetching BERG's files needs boto3: pip install boto3") from e
     config = Config(
         signature_version=botocore.UNSIGNED,
         # Path style, because a custom endpoint is often an IP address or localhost where

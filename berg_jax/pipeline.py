@@ -1,0 +1,378 @@
+"""Video files -> OUT: the main job behind `berg-jax encode` (and `berg-jax demo`).
+
+    from berg_jax import BERG
+    from berg_jax.pipeline import encode_files
+    from berg_jax.video import list_videos
+
+    model = BERG("~/berg").get_encoding_model("fmri-bmd-s3d", subject=1)
+    summary = encode_files(model, list_videos(["videos/"]), "out/", nifti=True)
+
+The data path: `video.prefetch_clips` decodes the next batches of files in background
+threads while the device computes the current one; decoded clips are grouped by frame
+size (H, W) -- each distinct size compiles once, the usual dataset has one -- and fed
+through `encoder.run_batches`, which pads every call to the model's batch size (so the
+compiled shape is reused) and dispatches a batch before pulling the previous one's
+result back. Rows go to `outputs.ResponseWriter`, which makes OUT crash-safe and
+resumable; a file that cannot be decoded is recorded (with its reason) and never stops
+the run.
+
+NIfTI (`nifti=True`): one 4-D `responses.nii.gz` (x, y, z, video) on the subject's
+(62, 77, 61) grid in MNI152 space -- `sub_mask_affine` as the affine, `sub_mask_header`
+as the template header -- volume t = row t of responses.npy. Voxels outside the
+selection and every voxel of a failed video are NaN: NaN (not 0) because 0 is a valid
+response in z-scored units, and nilearn/FSL/AFNI treat NaN as "no value".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from berg_jax import outputs
+from berg_jax.api import EncodingModel
+from berg_jax.berg_files import N_VOXELS
+from berg_jax.encoder import run_batches
+from berg_jax.errors import InvalidParameterError
+from berg_jax.video import prefetch_clips, read_clip
+
+__all__ = ["PLOTS_DIR", "encode_files", "job_config", "plot_file_name"]
+
+PLOTS_DIR = "plots"
+
+
+# --------------------------------------------------------------------------- job identity
+
+
+def _selection_config(model: EncodingModel) -> Any:
+    """What the selection contributes to the job: None, "roi:NAME", or the mask's digest."""
+    sel = model.selection
+    if not sel:
+        return None
+    if "roi" in sel:  # BERG: roi wins when both are given
+        return {"roi": str(sel["roi"])}
+    # The mask as a canonical bool vector, so 0/1 ints and bools of the same mask agree.
+    mask = np.zeros(N_VOXELS[model.subject], bool)
+    mask[np.asarray(model.voxels)] = True
+    return {"voxels_sha256": hashlib.sha256(mask.tobytes()).hexdigest(),
+            "voxels_count": int(len(model.voxels))}
+
+
+def _weights_fingerprint(model: EncodingModel) -> str:
+    """First 16 hex digits of the sha256 of the parameters that decide the values: S3D, the projection's bias, the
+    selected regression. The projection bias, -(mean/scale) @ components.T, depends on every
+    entry of BERG's PCA file, so the (F, K) matrix itself need not be hashed (~0.1 s here)."""
+    h = hashlib.sha256()
+    s3d_leaves = jax.tree_util.tree_leaves_with_path(model.params.s3d)
+    for path, leaf in sorted(s3d_leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    for leaf in (model.params.projection["bias"], model.params.regression["coef"],
+                 model.params.regression["intercept"]):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
+    """The run_config of a job: exactly the settings that change the values written.
+
+    A resume with a different run_config is refused (`outputs.OutputDirError`); batch
+    size, device, decode threads and timings may change between attempts and go to
+    run.json's run_info instead. `pad_short` is part of the job because it turns a failed
+    row into values; the weights fingerprint catches the same command pointed at other
+    weights (e.g. the demo's synthetic ones).
+    """
+    return {
+        "model_id": model.model_id,
+        "subject": int(model.subject),
+        "selection": _selection_config(model),
+        "n_voxels": int(model.n_voxels),
+        "pad_short": bool(pad_short),
+        "weights_fingerprint": _weights_fingerprint(model),
+    }
+
+
+def plot_file_name(path: str, row: int, n_rows: int) -> str:
+    """`<row>_<stem>.png`, the same naming as `outputs.volume_file_name`."""
+    return outputs.volume_file_name(path, row, n_rows)[: -len(".nii.gz")] + ".png"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class _DispatchError(Exception):
+    """The encoder raised while dispatching a batch (compile failure, device OOM, ...)."""
+
+
+def _group_by_size(
+    batches: Iterator[tuple[list[int], list[np.ndarray], dict[int, str]]],
+    batch_size: int,
+    on_failures: Any,
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(indices, clips, errors) batches -> (indices, stacked frames) groups of one frame size.
+
+    Failures are handed to `on_failures` as they arrive. Clips wait per size until
+    `batch_size` of that size are there; to bound memory (many sizes, few files each) the
+    oldest partial group is sent on early whenever more than 2 * batch_size clips wait.
+    With one size this is exactly the decode batches; with several, no call computes more
+    padding than it must.
+    """
+    waiting: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    n_waiting = 0
+
+    def take(shape: tuple[int, ...]) -> tuple[list[int], np.ndarray]:
+        nonlocal n_waiting
+        group = waiting.pop(shape)
+        n_waiting -= len(group)
+        return [i for i, _ in group], np.stack([c for _, c in group])
+
+    for indices, clips, errors in batches:
+        if errors:
+            on_failures(errors)
+        for i, clip in zip(indices, clips, strict=True):
+            group = waiting.setdefault(clip.shape, [])
+            group.append((i, clip))
+            n_waiting += 1
+            if len(group) == batch_size:
+                yield take(clip.shape)
+        while n_waiting > 2 * batch_size:
+            yield take(next(iter(waiting)))  # dicts keep insertion order: the oldest group
+    while waiting:
+        yield take(next(iter(waiting)))
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def encode_files(
+    model: EncodingModel,
+    paths: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int | None = None,
+    pad_short: bool = False,
+    nifti: bool = False,
+    plot: bool = False,
+    show_progress: bool = True,
+    decode_threads: int = 2,
+) -> dict:
+    """Encode video files into OUT: responses.npy, manifest.csv, run.json (+ NIfTI, plots).
+
+    Resumable: run it again with the same model, selection, paths and pad_short after an
+    interruption (Ctrl-C, kill -9, power loss) and it computes only the rows not yet
+    recorded; responses.npy and manifest.csv end byte-identical to an uninterrupted run's
+    (given the same batch size and device: every call is padded to the full batch, and a
+    row does not depend on which videos share its batch, but XLA may round differently for
+    another compiled batch shape). A different job in the same OUT is refused with
+    `outputs.OutputDirError`.
+
+    Args:
+      model: from `BERG.get_encoding_model`.
+      paths: video files, in output-row order (see `video.list_videos` for folders).
+      out_dir: OUT, created if missing (see `outputs` for the file formats).
+      batch_size: videos per device call; default `model.batch_size`.
+      pad_short: repeat the last frame of videos shorter than 14 frames instead of failing them.
+      nifti: also write OUT/responses.nii.gz (4-D, MNI152; see the module docstring).
+      plot: also draw one glass-brain PNG per encoded video into OUT/plots/ (needs the
+        `plot` extra; checked before any work starts).
+      show_progress: tqdm bar on stderr (videos done, videos/s, ETA; resumed rows count as done).
+      decode_threads: video decoding threads.
+    Returns:
+      run.json's content plus "out_dir", "outputs" ({name: path}) and "failed" ([(path, reason)]).
+    Raises:
+      outputs.OutputDirError: OUT holds another job, or is in use.
+      InvalidParameterError: no paths, or batch_size / decode_threads < 1.
+      ModelLoadError: nifti/plot and the subject's metadata file is missing.
+      plots.PlotDependencyError: plot without nilearn/matplotlib.
+    Failures of single videos are never raised: they are recorded in manifest.csv.
+    """
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise InvalidParameterError("no input videos given")
+    if batch_size is not None and batch_size != model.batch_size:
+        if int(batch_size) < 1:
+            raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}")
+        model = dataclasses.replace(model, batch_size=int(batch_size))
+    if decode_threads < 1:
+        raise InvalidParameterError(f"decode_threads must be >= 1, got {decode_threads}")
+    bs = model.batch_size
+    out = Path(out_dir)
+
+    # Everything that can fail for the whole job fails here, before any video is read.
+    metadata = None
+    if nifti or plot:
+        from berg_jax.berg_files import load_metadata
+
+        metadata = load_metadata(model.berg_dir, model.subject)
+    if plot:
+        from berg_jax import plots
+
+        plots.require_plotting()
+    writer = outputs.ResponseWriter.open(out, paths, model.n_voxels, job_config(model, pad_short))
+    try:
+        stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads)
+        files = {
+            "responses": out / outputs.RESPONSES_FILE,
+            "manifest": out / outputs.MANIFEST_FILE,
+            "run": out / outputs.RUN_FILE,
+        }
+        status = writer.manifest_rows()
+        if nifti:
+            fmri = metadata["fmri"]
+            outputs.write_responses_nifti(
+                out / outputs.NIFTI_FILE, writer.responses, fmri["sub_mask"],
+                fmri["sub_mask_affine"], header=fmri.get("sub_mask_header"),
+                selected_indices=model.voxels)
+            files["nifti"] = out / outputs.NIFTI_FILE
+        if plot:
+            files["plots"] = _draw_plots(writer, model, metadata, out / PLOTS_DIR, status)
+        run_info = {
+            "berg_jax_version": _version(),
+            "jax_version": jax.__version__,
+            "device": str(model.device),
+            "device_kind": getattr(model.device, "device_kind", model.device.platform),
+            "platform": model.device.platform,
+            "batch_size": bs,
+            "decode_threads": decode_threads,
+            "precision": str(model.precision),
+            "outputs": {k: str(v) for k, v in files.items()},
+            **stats,
+            "end_time": _now(),
+        }
+        run = writer.finish(run_info)
+    finally:
+        writer.close()
+    failed = [(p, err) for p, _, s, err in status if s == "failed"]
+    return {**run, "out_dir": str(out), "outputs": files, "failed": failed}
+
+
+def _version() -> str:
+    import berg_jax
+
+    return berg_jax.__version__
+
+
+def _encode_pending(
+    writer: outputs.ResponseWriter,
+    model: EncodingModel,
+    paths: list[str],
+    bs: int,
+    pad_short: bool,
+    show_progress: bool,
+    decode_threads: int,
+) -> dict:
+    """Compute every pending row; returns this attempt's counts and timings for run.json."""
+    from tqdm.auto import tqdm
+
+    pending = writer.pending()
+    todo = set(pending)
+    skip = frozenset(i for i in range(len(paths)) if i not in todo)
+    n_resumed = len(paths) - len(pending)
+    start_time = _now()
+    t0 = time.perf_counter()
+    first_result_s: float | None = None
+    counts = {"ok": 0, "failed": 0}
+    bar = tqdm(total=len(paths), initial=n_resumed, unit="video", disable=not show_progress,
+               desc=f"encoding sub-{model.subject:02d}", dynamic_ncols=True, smoothing=0.1)
+
+    def record_failures(errors: dict[int, str]) -> None:
+        for i in sorted(errors):  # one journal line per file: each has its own reason
+            writer.mark_failed(i, errors[i])
+        counts["failed"] += len(errors)
+        bar.update(len(errors))
+
+    encode = model.encode_fn()
+
+    def dispatch(frames: np.ndarray) -> jax.Array:
+        try:
+            return encode(frames)
+        except Exception as exc:  # noqa: BLE001 - attributed to its batch below
+            raise _DispatchError(exc) from exc
+
+    decoded = prefetch_clips(paths, bs, read=read_clip, num_threads=decode_threads,
+                             queue_size=2, skip=skip, pad_short=pad_short)
+    groups = _group_by_size(decoded, bs, record_failures)
+    # Groups handed to run_batches whose rows are not written yet (at most two: the one on
+    # the device and the one being dispatched). When the encoder fails on one, that group's
+    # videos are recorded as failed and the others are fed again, so one video that breaks
+    # the device (e.g. out of memory at a huge frame size) never stops the run.
+    in_flight: list[tuple[list[int], np.ndarray]] = []
+    retry: list[tuple[list[int], np.ndarray]] = []
+
+    def feed() -> Iterator[tuple[list[int], np.ndarray]]:
+        while retry:
+            in_flight.append(retry.pop(0))
+            yield in_flight[-1]
+        for group in groups:
+            in_flight.append(group)
+            yield group
+
+    try:
+        while True:
+            try:
+                for indices, responses in run_batches(dispatch, feed(), bs):
+                    writer.write_rows(indices, responses)
+                    in_flight.pop(0)
+                    counts["ok"] += len(indices)
+                    bar.update(len(indices))
+                    if first_result_s is None:
+                        first_result_s = time.perf_counter() - t0
+                break
+            except (_DispatchError, jax.errors.JaxRuntimeError) as exc:
+                # A dispatch error belongs to the newest group, a runtime error (raised when
+                # a result is pulled back) to the oldest.
+                culprit = in_flight.pop(-1 if isinstance(exc, _DispatchError) else 0)
+                cause = exc.__cause__ if isinstance(exc, _DispatchError) else exc
+                reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                record_failures({i: f"{paths[i]}: encoding failed on {model.device.platform}: "
+                                    f"{type(cause).__name__}: {reason}" for i in culprit[0]})
+                retry[:0] = in_flight
+                in_flight.clear()
+    finally:
+        groups.close()
+        decoded.close()  # cancels queued decodes, joins the decoding threads
+        bar.close()
+    seconds = time.perf_counter() - t0
+    n_run = counts["ok"] + counts["failed"]
+    return {
+        "start_time": start_time,
+        "n_resumed": n_resumed,
+        "n_this_run": n_run,
+        "n_ok_this_run": counts["ok"],
+        "n_failed_this_run": counts["failed"],
+        "seconds": round(seconds, 3),
+        "first_result_seconds": None if first_result_s is None else round(first_result_s, 3),
+        "videos_per_s": round(n_run / seconds, 4) if seconds > 0 and n_run else 0.0,
+    }
+
+
+def _draw_plots(writer: outputs.ResponseWriter, model: EncodingModel, metadata: dict,
+                plot_dir: Path, status: list[tuple[str, int, str, str]]) -> Path:
+    """One glass-brain PNG per ok row (kept when already there: a resumed job is the same job)."""
+    from berg_jax import plots
+
+    fmri = metadata["fmri"]
+    n = len(status)
+    for path, row, state, _ in status:
+        if state != "ok":
+            continue
+        png = plot_dir / plot_file_name(path, row, n)
+        if png.exists():
+            continue
+        plots.plot_response(
+            np.asarray(writer.responses[row]), fmri["sub_mask"], fmri["sub_mask_affine"], png,
+            selected_indices=model.voxels,
+            title=f"{Path(path).name} (sub-{model.subject:02d}, row {row})")
+    return plot_dir
