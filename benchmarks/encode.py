@@ -16,9 +16,11 @@ weights), subject 1, whole brain (108,219 voxels), on the same seeded random uin
 Each: one warm-up call on one batch (for JAX: compile; reported separately), then
 `--repeats` timed calls on all videos; videos/s is the median with [min-max]. Per-stage
 times: the reference times its stages inline; for berg-jax a diagnostic pass after the
-timed runs jits each stage on its own (host prep, host->device, preprocess, backbone
-(extract_taps), projection (project_taps), regression, device->host) and blocks after each,
-so the stages sum to more than the fused program (no fusion across stage boundaries).
+timed runs jits each stage on its own (host prep: `validate_stimulus`'s frame sampling and
+the per-batch slicing; host->device: `device_put` of the (channels-moved) batch;
+preprocess; backbone (extract_taps); projection (project_taps); regression; device->host)
+and blocks after each, so nothing overlaps or fuses across stages: their sum is a
+diagnostic, not the fused program's time.
 The two pipelines' outputs are compared (max |diff|), as a check that both did the work.
 On a shared machine, "others" is how many cores other processes kept busy during each
 run (from /proc/stat minus the child's own CPU time): anything well above 0 means the

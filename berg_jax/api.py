@@ -29,7 +29,9 @@ from berg_jax.preprocess import validate_stimulus
 from berg_jax.weights import S3D_URL, load_s3d
 
 DEVICES = ("auto", "cpu", "gpu", "tpu")
-DEFAULT_BATCH = {"cpu": 4, "gpu": 32, "tpu": 32}
+DEFAULT_BATCH = {"cpu": 8, "gpu": 32, "tpu": 32}
+# Videos per S3D call inside a batch (None: the whole batch); see `encode_frames`.
+DEFAULT_BACKBONE_CHUNK = {"cpu": 1}
 
 
 def resolve_device(device: str) -> jax.Device:
@@ -66,12 +68,13 @@ class EncodingModel:
     conv_impl: str
     batch_size: int
     berg_dir: Path
+    backbone_chunk: int | None = None
 
     def encode_fn(self) -> Callable[[np.ndarray], jax.Array]:
         """frames (batch_size, 14, H, W, 3) -> responses on the device (not yet copied back)."""
         def fn(frames: np.ndarray) -> jax.Array:
-            return encode_frames(self.params, jax.device_put(frames, self.device),
-                                 precision=self.precision, conv_impl=self.conv_impl)
+            return encode_frames(self.params, jax.device_put(frames, self.device), precision=self.precision,
+                                 conv_impl=self.conv_impl, backbone_chunk=self.backbone_chunk)
         return fn
 
 
@@ -144,7 +147,7 @@ class BERG:
           device: "auto" | "cpu" | "gpu" | "tpu".
           precision: matmul/conv precision; "highest" (default) gives float32 parity on
             GPU/TPU, None is faster there (TF32/bf16 passes).
-          batch_size: videos per device call (default 4 on CPU, 32 on GPU/TPU).
+          batch_size: videos per device call (default 8 on CPU, 32 on GPU/TPU).
         The first call on a berg_dir converts BERG's files to a berg-jax copy (once).
         """
         self._check_model_id(model_id)
@@ -169,6 +172,7 @@ class BERG:
             model_id=model_id, subject=subject, selection=selection, voxels=voxels, n_voxels=n_voxels,
             params=params, device=dev, precision=precision, conv_impl=conv_impl,
             batch_size=batch_size or DEFAULT_BATCH.get(dev.platform, 8), berg_dir=self.berg_dir,
+            backbone_chunk=DEFAULT_BACKBONE_CHUNK.get(dev.platform),
         )
 
     def get_model_metadata(self, model_id: str, subject: int = 1) -> dict:
@@ -223,5 +227,6 @@ def encoder(model: EncodingModel) -> tuple[Callable[..., jax.Array], EncodingPar
     `fn(params, frames)` maps (B, 14, H, W, 3) frames -- uint8 0..255, or float 0..1 for
     gradients -- to (B, n_voxels) float32. It is already jitted; compose it freely.
     """
-    fn = functools.partial(encode_frames, precision=model.precision, conv_impl=model.conv_impl)
+    fn = functools.partial(encode_frames, precision=model.precision, conv_impl=model.conv_impl,
+                           backbone_chunk=model.backbone_chunk)
     return fn, model.params

@@ -109,14 +109,14 @@ def test_batches_and_padding(berg, model):
     videos = np.concatenate([source_video(0)] * 5)
     videos[1:] = np.roll(videos[1:], shift=7, axis=-1)  # make the videos differ
     videos[3] = 255 - videos[3]
-    model.batch_size = 2
+    default_batch, model.batch_size = model.batch_size, 2
     try:
         before = encode_frames._cache_size()
         together = berg.encode(model, videos, show_progress=False)
         assert encode_frames._cache_size() - before <= 1
         alone = np.concatenate([berg.encode(model, videos[i: i + 1], show_progress=False) for i in range(5)])
     finally:
-        model.batch_size = 4
+        model.batch_size = default_batch
     # Batch size changes XLA's float32 accumulation order: equal within the parity tolerance.
     assert relative_error(together, alone) <= RTOL
     assert not np.allclose(together[0], together[3])
@@ -216,3 +216,13 @@ def test_encoder_is_a_pure_jax_function(berg, model):
     frames = jnp.asarray(source_video(0)[:, np.linspace(0, 13, 14).astype(int)].transpose(0, 1, 3, 4, 2))
     np.testing.assert_array_equal(np.asarray(jax.jit(fn)(params, frames)),
                                   berg.encode(model, source_video(0), show_progress=False))
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_backbone_chunks_equal_whole_batch(model, chunk):
+    """S3D one (or two) videos at a time inside the jitted batch == the whole batch at once."""
+    frames = np.concatenate([source_video(0), 255 - source_video(0), source_video(0) // 2])
+    frames = frames[:, :14].transpose(0, 1, 3, 4, 2)
+    whole = np.asarray(encode_frames(model.params, frames, precision=model.precision, backbone_chunk=None))
+    chunked = np.asarray(encode_frames(model.params, frames, precision=model.precision, backbone_chunk=chunk))
+    assert relative_error(chunked, whole) <= RTOL

@@ -48,3 +48,14 @@ def test_whole_model_2d_equals_3d():
         b = extract_taps(params, clip, conv_impl="3d")
         for name in TAP_NAMES:
             np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_separable_max_pool_equals_3d_window():
+    from jax import lax
+
+    from berg_jax.s3d import max_pool3d
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 7, 6, 3)), jnp.float32)
+    full = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 3, 1), (1, 1, 1, 1, 1),
+                             ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+    np.testing.assert_array_equal(np.asarray(max_pool3d(x, (3, 3, 3), (1, 1, 1), (1, 1, 1))), np.asarray(full))
