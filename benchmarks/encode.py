@@ -18,7 +18,7 @@ Each: one warm-up call on one batch (for JAX: compile; reported separately), the
 times: the reference times its stages inline; for berg-jax a diagnostic pass after the
 timed runs jits each stage on its own (host prep: `validate_stimulus`'s frame sampling and
 the per-batch slicing; host->device: `device_put` of the (channels-moved) batch;
-preprocess; backbone (extract_taps); projection (project_taps); regression; device->host)
+preprocess; backbone (extract_taps, `model.backbone_chunk` videos per call as in the fused program); projection (project_taps); regression; device->host)
 and blocks after each, so nothing overlaps or fuses across stages: their sum is a
 diagnostic, not the fused program's time.
 The two pipelines' outputs are compared (max |diff|), as a check that both did the work.
@@ -95,6 +95,7 @@ def run_torch(args: argparse.Namespace) -> dict:
 def jax_stage_pass(model, videos: np.ndarray, batch_size: int) -> dict:
     """Each stage jitted on its own, blocked after each: (compile s per stage, ms/video per stage)."""
     import jax
+    import jax.numpy as jnp
 
     from berg_jax.encoder import pad_batch
     from berg_jax.head import project_taps, regress
@@ -102,6 +103,7 @@ def jax_stage_pass(model, videos: np.ndarray, batch_size: int) -> dict:
     from berg_jax.s3d import extract_taps
 
     params, prec, impl, dev = model.params, model.precision, model.conv_impl, model.device
+    chunk = getattr(model, "backbone_chunk", None) or batch_size
     pre = jax.jit(jax.vmap(preprocess_frames))
     proj = jax.jit(project_taps, static_argnames="precision")
     reg = jax.jit(regress, static_argnames="precision")
@@ -115,7 +117,10 @@ def jax_stage_pass(model, videos: np.ndarray, batch_size: int) -> dict:
         t2 = clock()
         c = pre(x).block_until_ready()
         t3 = clock()
-        taps = jax.block_until_ready(extract_taps(params.s3d, c, prec, impl))
+        # S3D as the fused program runs it: `backbone_chunk` videos per call (None: all).
+        parts = [extract_taps(params.s3d, c[i: i + chunk], prec, impl) for i in range(0, batch_size, chunk)]
+        taps = parts[0] if len(parts) == 1 else {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+        taps = jax.block_until_ready(taps)
         t4 = clock()
         p = proj(taps, params.projection, precision=prec).block_until_ready()
         t5 = clock()
@@ -168,7 +173,7 @@ def run_jax(args: argparse.Namespace) -> dict:
         np.save(args.child_out, out)
     res = {"load_s": load_s, "warmup_s": warm_s, "batch_size": bs, **_spread(times, cpu, args.videos),
            "peak_rss_mb": peak, "after_load_mb": loaded_mb, "device": str(model.device), "precision": str(model.precision),
-           "conv_impl": model.conv_impl,
+           "conv_impl": model.conv_impl, "backbone_chunk": getattr(model, "backbone_chunk", None),
            "threads": {"jax cpu devices": jax.device_count(), "cpu affinity": len(os.sched_getaffinity(0)),
                        **{k: os.environ.get(k) for k in THREAD_ENV if os.environ.get(k)}}}
     # One batch at steady state, so that the warm-up minus it estimates compilation.
