@@ -189,3 +189,17 @@ def make_berg_dir(
             meta_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(meta_path, _metadata_dict(subject, seed, rois, tmp), allow_pickle=True)
     return root
+
+
+def make_synthetic_model(
+    root: str | os.PathLike, subjects: Sequence[int] = (1,), n_components: int = 8, seed: int = 0
+) -> tuple[Path, Path]:
+    """A whole synthetic model under `root`: (berg_dir, S3D .pth of `random_state_dict(seed)`)."""
+    from berg_jax.synthetic import random_state_dict
+    from berg_jax.torch_pickle import write_torch_state_dict
+
+    root = Path(root)
+    berg_dir = make_berg_dir(root / "berg", subjects=subjects, n_components=n_components, seed=seed)
+    pth = root / "s3d-synthetic.pth"
+    write_torch_state_dict(random_state_dict(seed), pth)
+    return berg_dir, pth

@@ -26,9 +26,7 @@ av = pytest.importorskip("av")  # the videos are written with PyAV
 
 from berg_jax import cli  # noqa: E402
 from berg_jax.berg_files import N_VOXELS, load_metadata, roi_voxel_indices  # noqa: E402
-from berg_jax.synthetic import random_state_dict  # noqa: E402
-from berg_jax.synthetic_berg import make_berg_dir  # noqa: E402
-from berg_jax.torch_pickle import write_torch_state_dict  # noqa: E402
+from berg_jax.synthetic_berg import make_synthetic_model  # noqa: E402
 from tests import video_fixtures as vf  # noqa: E402
 
 N_VOX = N_VOXELS[1]
@@ -49,11 +47,7 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    berg_dir = make_berg_dir(root / "berg", subjects=(1,), n_components=8, seed=0)
-    pth = root / "s3d-synthetic.pth"
-    write_torch_state_dict(random_state_dict(0), pth)
-    return berg_dir, pth
+    return make_synthetic_model(tmp_path_factory.mktemp("cli"), n_components=8, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from berg_jax.api import BERG, encoder
 from berg_jax.berg_files import N_VOXELS, load_metadata, load_subject_head, roi_voxel_indices
 from berg_jax.encoder import encode_frames
 from berg_jax.errors import InvalidParameterError, ModelLoadError, StimulusError, ValidationError
-from berg_jax.synthetic import random_state_dict, synthetic_video
-from berg_jax.synthetic_berg import make_berg_dir
-from berg_jax.torch_pickle import write_torch_state_dict
+from berg_jax.synthetic import synthetic_video
+from berg_jax.synthetic_berg import make_synthetic_model
 from tests.reference import SOURCES, WEIGHTS_SEED, load_reference
 from weights_convert.make_reference import BERG_SEED, regress_f64
 
@@ -35,11 +34,9 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoder")
-    berg_dir = make_berg_dir(root / "berg", subjects=(1,), n_components=8, seed=BERG_SEED)
-    pth = root / "s3d-d76dad2f.pth"
-    write_torch_state_dict(random_state_dict(WEIGHTS_SEED), pth)
-    return berg_dir, pth
+    # One seed for both, as the reference fixture used: S3D weights and the berg_dir.
+    assert WEIGHTS_SEED == BERG_SEED
+    return make_synthetic_model(tmp_path_factory.mktemp("encoder"), n_components=8, seed=BERG_SEED)
 
 
 @pytest.fixture(scope="module")

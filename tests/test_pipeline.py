@@ -27,9 +27,7 @@ from berg_jax.berg_files import N_VOXELS, load_metadata  # noqa: E402
 from berg_jax.errors import InvalidParameterError, ModelLoadError  # noqa: E402
 from berg_jax.outputs import OutputDirError  # noqa: E402
 from berg_jax.pipeline import _group_by_size, encode_files  # noqa: E402
-from berg_jax.synthetic import random_state_dict  # noqa: E402
-from berg_jax.synthetic_berg import make_berg_dir  # noqa: E402
-from berg_jax.torch_pickle import write_torch_state_dict  # noqa: E402
+from berg_jax.synthetic_berg import make_synthetic_model  # noqa: E402
 from berg_jax.video import read_clip  # noqa: E402
 from tests import video_fixtures as vf  # noqa: E402
 
@@ -41,11 +39,7 @@ N_VOX = N_VOXELS[1]
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A synthetic berg_dir (K=8, subject 1) and a seeded S3D .pth."""
-    root = tmp_path_factory.mktemp("pipeline")
-    berg_dir = make_berg_dir(root / "berg", subjects=(1,), n_components=8, seed=0)
-    pth = root / "s3d-synthetic.pth"
-    write_torch_state_dict(random_state_dict(0), pth)
-    return berg_dir, pth
+    return make_synthetic_model(tmp_path_factory.mktemp("pipeline"), n_components=8, seed=0)
 
 
 @pytest.fixture(scope="module")
