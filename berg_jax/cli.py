@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--voxels", metavar="MASK.npy", help="only the voxels of a binary mask of length N_s (.npy)")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder (created; resumed if it holds this job)")
     p.add_argument("--batch-size", type=int, metavar="B",
-                   help="videos per device call (default 4 on CPU, 32 on GPU/TPU)")
+                   help="videos per device call (default 8 on CPU, 32 on GPU/TPU)")
     p.add_argument("--nifti", action="store_true",
                    help="also write OUT/responses.nii.gz (4-D, MNI152, volume i = row i)")
     p.add_argument("--pad-short", action="store_true",
