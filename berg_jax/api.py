@@ -94,7 +94,7 @@ class BERG:
                 f"berg_dir {self.berg_dir} is not a directory; download the model with "
                 f"`berg-jax fetch --berg-dir {self.berg_dir} --subjects 1`")
         self.s3d_weights = Path(s3d_weights).expanduser() if s3d_weights is not None else None
-        self._s3d_cache: dict[tuple[str, str], Any] = {}
+        self._device_cache: dict[tuple[str, ...], Any] = {}
 
     # -- models -------------------------------------------------------------------------
 
@@ -160,13 +160,17 @@ class BERG:
             head.convert_projection(self.berg_dir)
             k = head.load_projection(self.berg_dir)["bias"].shape[0]
             head.convert_subject(self.berg_dir, subject, k)
-        projection = head.load_projection(self.berg_dir)
         regression = head.load_regression(self.berg_dir, subject, voxels)
         s3d_path = self._s3d_path()
-        key = (str(s3d_path), str(dev))
-        if key not in self._s3d_cache:
-            self._s3d_cache[key] = jax.device_put(load_s3d(s3d_path), dev)
-        params = EncodingParams(self._s3d_cache[key], jax.device_put(projection, dev), jax.device_put(regression, dev))
+        # S3D and the 1.6 GB projection are shared by every subject and selection: loaded
+        # once per device, not once per model.
+        s3d_key, projection_key = ("s3d", str(s3d_path), str(dev)), ("projection", str(dev))
+        if s3d_key not in self._device_cache:
+            self._device_cache[s3d_key] = jax.device_put(load_s3d(s3d_path), dev)
+        if projection_key not in self._device_cache:
+            self._device_cache[projection_key] = jax.device_put(head.load_projection(self.berg_dir), dev)
+        params = EncodingParams(self._device_cache[s3d_key], self._device_cache[projection_key],
+                                jax.device_put(regression, dev))
         n_voxels = berg_files.N_VOXELS[subject] if voxels is None else len(voxels)
         return EncodingModel(
             model_id=model_id, subject=subject, selection=selection, voxels=voxels, n_voxels=n_voxels,
