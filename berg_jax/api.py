@@ -160,7 +160,7 @@ class BERG:
             print(f"berg-jax: converting BERG's files in {self.berg_dir} for subject {subject} "
                   "(once; later loads read the converted copy)")
             head.convert_projection(self.berg_dir)
-            k = head.load_projection(self.berg_dir)["bias"].shape[0]
+            k = head.converted_components(self.berg_dir)
             head.convert_subject(self.berg_dir, subject, k)
         regression = head.load_regression(self.berg_dir, subject, voxels)
         s3d_path = self._s3d_path()

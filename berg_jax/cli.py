@@ -310,6 +310,7 @@ def _size(path: Path) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from berg_jax import berg_files, head
     from berg_jax.fetch import default_s3d_weights_path
+    from berg_jax.errors import ModelLoadError
 
     berg_dir = Path(args.berg_dir).expanduser()
     if args.plot and args.subject is None:
@@ -329,10 +330,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     state = "not yet: made on first use, or `berg-jax convert`"
     if converted:
         state = "current"
-        try:  # the stamp head.convert_projection writes next to the copy
-            k = json.loads((head.converted_dir(berg_dir) / "projection.json").read_text())["n_components"]
-            state += f", K = {int(k)} components"
-        except (OSError, ValueError, KeyError, TypeError):
+        try:
+            state += f", K = {head.converted_components(berg_dir)} components"
+        except ModelLoadError:
             pass
     print(f"  converted copy: {head.converted_dir(berg_dir)} ({state})")
     print("subjects (voxels; files in this berg dir):")

@@ -157,6 +157,15 @@ def convert_projection(berg_dir: str | os.PathLike, force: bool = False) -> Path
     return target
 
 
+def converted_components(berg_dir: str | os.PathLike) -> int:
+    """K of the converted projection, from its stamp (no 1.6 GB restore just to read a shape)."""
+    stamp = _stamp_file(converted_dir(berg_dir) / "projection")
+    try:
+        return int(json.loads(stamp.read_text())["n_components"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(f"{stamp}: no converted projection ({err}); run `berg-jax convert`") from None
+
+
 def convert_subject(berg_dir: str | os.PathLike, subject: int, n_components: int, force: bool = False) -> Path:
     """Save a subject's regression (all voxels, coef transposed to (K, N_s)) with orbax."""
     subject = berg_files.check_subject(subject)
@@ -177,7 +186,7 @@ def available_subjects(berg_dir: str | os.PathLike) -> list[int]:
 def convert_berg_dir(berg_dir: str | os.PathLike, subjects: list[int] | None = None, force: bool = False) -> Path:
     """Convert the projection and the heads of `subjects` (default: every subject present)."""
     convert_projection(berg_dir, force=force)
-    k = load_projection(berg_dir)["bias"].shape[0]
+    k = converted_components(berg_dir)
     for subject in available_subjects(berg_dir) if subjects is None else subjects:
         convert_subject(berg_dir, subject, k, force=force)
     return converted_dir(berg_dir)

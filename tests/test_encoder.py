@@ -80,6 +80,12 @@ def test_conversion_is_saved_and_reused(env, model):
     BERG(berg_dir, s3d_weights=env[1]).get_encoding_model(MODEL, subject=1)
     assert stamp.stat().st_mtime_ns == before
     assert json.loads(stamp.read_text())["n_components"] == 8
+    assert head.converted_components(berg_dir) == 8
+
+
+def test_converted_components_without_a_copy_says_convert(tmp_path):
+    with pytest.raises(ModelLoadError, match="berg-jax convert"):
+        head.converted_components(tmp_path)
 
 
 def test_projection_is_channels_last_fold_of_pca(env):
