@@ -15,14 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from berg_jax import berg_files, head
-from berg_jax.encoder import EncodingParams, encode_frames, run_batches
+from berg_jax.encoder import EncodingParams, encode_frames, encode_outputs, flat_outputs, run_batches
 from berg_jax.errors import InvalidParameterError, ModelLoadError
 from berg_jax.fetch import default_s3d_weights_path
 from berg_jax.preprocess import validate_stimulus
@@ -34,34 +36,67 @@ DEFAULT_BATCH = {"cpu": 8, "gpu": 32, "tpu": 32}
 DEFAULT_BACKBONE_CHUNK = {"cpu": 1}
 
 
-def resolve_device(device: str) -> jax.Device:
-    """'auto' | 'cpu' | 'gpu' | 'tpu' -> the first such jax device, or a clear error."""
+def resolve_devices(device: str, n_devices: int | None = None) -> list[jax.Device]:
+    """'auto' | 'cpu' | 'gpu' | 'tpu' -> this process's devices of that kind (the first `n_devices`)."""
     if device not in DEVICES:
         raise InvalidParameterError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        return jax.devices()[0]
     try:
-        return jax.devices(device)[0]
+        found = jax.local_devices() if device == "auto" else jax.local_devices(backend=device)
     except RuntimeError:
         raise InvalidParameterError(
             f"device={device!r} requested but JAX finds no {device.upper()} here (it has: "
             f"{sorted({d.platform for d in jax.devices()})}); install the matching jax build or use device='auto'"
         ) from None
+    if n_devices is not None:
+        if not 1 <= int(n_devices) <= len(found):
+            raise InvalidParameterError(
+                f"n_devices={n_devices} but this process has {len(found)} {found[0].platform} device(s); "
+                f"pass 1..{len(found)} or None for all")
+        found = found[: int(n_devices)]
+    return found
+
+
+def resolve_device(device: str) -> jax.Device:
+    """'auto' | 'cpu' | 'gpu' | 'tpu' -> the first such jax device, or a clear error."""
+    return resolve_devices(device)[0]
+
+
+Subjects = int | Sequence[int] | str | None
+
+
+def parse_subjects(subject: Subjects) -> tuple[int, ...]:
+    """1..10, a sequence of them, "all" (every subject), or None (no subject) -> sorted unique tuple."""
+    if subject is None:
+        return ()
+    if isinstance(subject, str):
+        if subject.strip().lower() == "all":
+            return tuple(berg_files.SUBJECTS)
+        raise InvalidParameterError(f"subject must be 1..10, a list of them, or 'all', got {subject!r}")
+    if isinstance(subject, (int, np.integer)):
+        return (berg_files.check_subject(subject),)
+    subjects = tuple(sorted({berg_files.check_subject(s) for s in subject}))
+    if not subjects:
+        raise InvalidParameterError("subject=[] names no subject; pass 1..10, a list of them, or 'all'")
+    return subjects
 
 
 @dataclasses.dataclass
 class EncodingModel:
-    """A loaded fmri-bmd-s3d model for one subject and selection.
+    """A loaded fmri-bmd-s3d model: one subject (BERG's case), or several heads on one backbone.
 
-    params live on `device`; `voxels` are the selected indices into the subject's N_s
-    voxels (None = whole brain); `n_voxels` is the output width.
+    `subject` is an int for a one-subject model -- `encode` then returns one array, as BERG
+    does -- and a tuple (or None: components only) otherwise, when `encode` returns a dict
+    {subject: responses, "components": components}. `voxels`/`n_voxels` are the selected
+    indices into the subject's N_s voxels (None = whole brain) and the output width; for a
+    several-subject model, dicts keyed by subject. params live on `devices` (replicated);
+    batches are sharded over them along the video axis.
     """
 
     model_id: str
-    subject: int
+    subject: int | tuple[int, ...] | None
     selection: dict | None
-    voxels: np.ndarray | None
-    n_voxels: int
+    voxels: np.ndarray | None | dict[int, np.ndarray | None]
+    n_voxels: int | dict[int, int]
     params: EncodingParams
     device: jax.Device
     precision: Any
@@ -69,14 +104,64 @@ class EncodingModel:
     batch_size: int
     berg_dir: Path
     backbone_chunk: int | None = None
+    devices: tuple[jax.Device, ...] = ()
+    with_components: bool = False
+    n_components: int = 0
 
-    def encode_fn(self) -> Callable[[np.ndarray], jax.Array]:
-        """frames (batch_size, 14, H, W, 3) -> responses on the device (not yet copied back)."""
-        def fn(frames: np.ndarray) -> jax.Array:
-            # S3D one video at a time only pays from batch 8 up (measured: at 2-4 the whole batch is faster).
-            chunk = self.backbone_chunk if frames.shape[0] >= 8 else None
-            return encode_frames(self.params, jax.device_put(frames, self.device), precision=self.precision,
-                                 conv_impl=self.conv_impl, backbone_chunk=chunk)
+    @property
+    def subjects(self) -> tuple[int, ...]:
+        if self.subject is None:
+            return ()
+        return (self.subject,) if isinstance(self.subject, int) else tuple(self.subject)
+
+    @property
+    def returns_dict(self) -> bool:
+        """False for BERG's case (one subject, no components): `encode` returns an array."""
+        return not isinstance(self.subject, int) or self.with_components
+
+    def voxels_of(self, subject: int) -> np.ndarray | None:
+        return self.voxels[subject] if isinstance(self.voxels, dict) else self.voxels
+
+    def n_voxels_of(self, subject: int) -> int:
+        return self.n_voxels[subject] if isinstance(self.n_voxels, dict) else self.n_voxels
+
+    @property
+    def output_columns(self) -> dict[int | str, int]:
+        """Every output's width, in output order: {subject: n_voxels, ..., "components": K}."""
+        cols: dict[int | str, int] = {s: self.n_voxels_of(s) for s in self.subjects}
+        if self.with_components:
+            cols["components"] = self.n_components
+        return cols
+
+    @property
+    def label(self) -> str:
+        """What it computes, for progress bars: "sub-01", "10 subjects+components", ..."""
+        parts = [f"sub-{self.subjects[0]:02d}" if len(self.subjects) == 1 else f"{len(self.subjects)} subjects"]
+        parts = (parts if self.subjects else []) + (["components"] if self.with_components else [])
+        return "+".join(parts)
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return Mesh(np.array(self.devices), ("batch",)) if len(self.devices) > 1 else None
+
+    def encode_fn(self) -> Callable[[np.ndarray], dict[str, Any]]:
+        """frames (batch_size, 14, H, W, 3) -> `encode_outputs`' result on the device(s), not yet copied back."""
+        params = self.params
+        if isinstance(self.subject, int):  # one subject's Regression -> the dict encode_outputs takes
+            params = params._replace(regression={self.subject: params.regression})
+        mesh = self.mesh
+        target = self.device if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
+
+        def fn(frames: np.ndarray) -> dict[str, Any]:
+            if frames.shape[0] % max(len(self.devices), 1):
+                raise InvalidParameterError(
+                    f"a batch of {frames.shape[0]} videos cannot be split over {len(self.devices)} devices")
+            # S3D one video at a time only pays from batch 8 up (measured: at 2-4 the whole
+            # batch is faster), and never when the batch is split over devices.
+            chunk = self.backbone_chunk if frames.shape[0] >= 8 and mesh is None else None
+            return encode_outputs(params, jax.device_put(frames, target), precision=self.precision,
+                                  conv_impl=self.conv_impl, backbone_chunk=chunk,
+                                  with_components=self.with_components)
         return fn
 
 
@@ -130,55 +215,90 @@ class BERG:
             return berg_files.roi_voxel_indices(self.get_model_metadata(berg_files.MODEL_ID, subject), selection["roi"])
         return berg_files.voxel_mask_indices(selection["voxels"], berg_files.N_VOXELS[subject])
 
+    def _on_devices(self, key: tuple[str, ...], load: Callable[[], Any], placement: Any) -> Any:
+        if key not in self._device_cache:
+            self._device_cache[key] = jax.device_put(load(), placement)
+        return self._device_cache[key]
+
     def get_encoding_model(
         self,
         model_id: str,
-        subject: int = 1,
+        subject: Subjects = 1,
         selection: dict | None = None,
         device: str = "auto",
         *,
         precision: Any = "highest",
         conv_impl: str = "2d",
         batch_size: int | None = None,
+        components: bool = False,
+        n_devices: int | None = None,
     ) -> EncodingModel:
-        """Load fmri-bmd-s3d for `subject` (1..10), optionally restricted to `selection`.
+        """Load fmri-bmd-s3d for `subject`, optionally restricted to `selection`.
 
         Args:
-          selection: None (whole brain), {"roi": name} (one of the subject's 47 ROIs), or
-            {"voxels": binary vector of length N_s}; "roi" wins when both are given.
+          subject: 1..10 (BERG's case: `encode` returns one array); a list of subjects or
+            "all" (S3D and the projection run once, every subject's head on their output;
+            `encode` returns {subject: array}); or None with components=True (components only).
+          selection: None (whole brain), {"roi": name} (one of the subject's 47 ROIs; with
+            several subjects, each subject's own voxels of that ROI), or {"voxels": binary
+            vector of length N_s} (one subject only); "roi" wins when both are given.
           device: "auto" | "cpu" | "gpu" | "tpu".
           precision: matmul/conv precision; "highest" (default) gives float32 parity on
             GPU/TPU, None is faster there (TF32/bf16 passes).
-          batch_size: videos per device call (default 8 on CPU, 32 on GPU/TPU).
+          batch_size: videos per call over all devices (default 8 on CPU, 32 per GPU/TPU);
+            must be a multiple of the device count.
+          components: also return the K projected components ("components" in `encode`'s
+            dict): every subject's and ROI's responses follow from them
+            (`responses_from_components`), at 400 bytes a video.
+          n_devices: how many of this process's devices to shard batches over (default all).
         The first call on a berg_dir converts BERG's files to a berg-jax copy (once).
         """
         self._check_model_id(model_id)
-        subject = berg_files.check_subject(subject)
-        voxels = self._selected_voxels(subject, selection)
-        dev = resolve_device(device)
-        if not head.is_converted(self.berg_dir, subject):
-            print(f"berg-jax: converting BERG's files in {self.berg_dir} for subject {subject} "
-                  "(once; later loads read the converted copy)")
+        subjects = parse_subjects(subject)
+        if not subjects and not components:
+            raise InvalidParameterError("subject=None loads no head: pass a subject, or components=True")
+        if isinstance(selection, dict) and "roi" not in selection and len(subjects) > 1:
+            raise InvalidParameterError(
+                "a voxel mask is one subject's (length N_s): use selection={'roi': NAME} with several "
+                "subjects, or load them one at a time")
+        voxels = {s: self._selected_voxels(s, selection) for s in subjects}
+        devices = resolve_devices(device, n_devices)
+        platform = devices[0].platform
+        if batch_size is None:
+            per_call = DEFAULT_BATCH.get(platform, 8) * (1 if platform == "cpu" else len(devices))
+            batch_size = -(-per_call // len(devices)) * len(devices)
+        elif int(batch_size) < 1 or int(batch_size) % len(devices):
+            raise InvalidParameterError(
+                f"batch_size={batch_size} must be a positive multiple of the {len(devices)} devices "
+                f"it is split over (e.g. {len(devices) * max(1, int(batch_size) // len(devices))})")
+        if not head.is_converted(self.berg_dir) or not all(head.is_converted(self.berg_dir, s) for s in subjects):
+            print(f"berg-jax: converting BERG's files in {self.berg_dir} "
+                  f"(once; later loads read the converted copy)")
             head.convert_projection(self.berg_dir)
             k = head.converted_components(self.berg_dir)
-            head.convert_subject(self.berg_dir, subject, k)
-        regression = head.load_regression(self.berg_dir, subject, voxels)
+            for s in subjects:
+                if not head.is_converted(self.berg_dir, s):
+                    head.convert_subject(self.berg_dir, s, k)
         s3d_path = self._s3d_path()
+        mesh = Mesh(np.array(devices), ("batch",)) if len(devices) > 1 else None
+        placement = devices[0] if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated
+        where = tuple(str(d) for d in devices)
         # S3D and the 1.6 GB projection are shared by every subject and selection: loaded
-        # once per device, not once per model.
-        s3d_key, projection_key = ("s3d", str(s3d_path), str(dev)), ("projection", str(dev))
-        if s3d_key not in self._device_cache:
-            self._device_cache[s3d_key] = jax.device_put(load_s3d(s3d_path), dev)
-        if projection_key not in self._device_cache:
-            self._device_cache[projection_key] = jax.device_put(head.load_projection(self.berg_dir), dev)
-        params = EncodingParams(self._device_cache[s3d_key], self._device_cache[projection_key],
-                                jax.device_put(regression, dev))
-        n_voxels = berg_files.N_VOXELS[subject] if voxels is None else len(voxels)
+        # once per set of devices, not once per model.
+        s3d = self._on_devices(("s3d", str(s3d_path), *where), lambda: load_s3d(s3d_path), placement)
+        projection = self._on_devices(("projection", *where), lambda: head.load_projection(self.berg_dir), placement)
+        regressions = {s: jax.device_put(head.load_regression(self.berg_dir, s, voxels[s]), placement)
+                       for s in subjects}
+        n_voxels = {s: berg_files.N_VOXELS[s] if voxels[s] is None else len(voxels[s]) for s in subjects}
+        one = isinstance(subject, (int, np.integer))
         return EncodingModel(
-            model_id=model_id, subject=subject, selection=selection, voxels=voxels, n_voxels=n_voxels,
-            params=params, device=dev, precision=precision, conv_impl=conv_impl,
-            batch_size=batch_size or DEFAULT_BATCH.get(dev.platform, 8), berg_dir=self.berg_dir,
-            backbone_chunk=DEFAULT_BACKBONE_CHUNK.get(dev.platform),
+            model_id=model_id, subject=subjects[0] if one else (subjects or None), selection=selection,
+            voxels=voxels[subjects[0]] if one else voxels, n_voxels=n_voxels[subjects[0]] if one else n_voxels,
+            params=EncodingParams(s3d, projection, regressions[subjects[0]] if one else regressions),
+            device=devices[0], precision=precision, conv_impl=conv_impl, batch_size=int(batch_size),
+            berg_dir=self.berg_dir, backbone_chunk=DEFAULT_BACKBONE_CHUNK.get(platform),
+            devices=tuple(devices), with_components=bool(components),
+            n_components=int(projection["bias"].shape[0]),
         )
 
     def get_model_metadata(self, model_id: str, subject: int = 1) -> dict:
@@ -196,7 +316,7 @@ class BERG:
         show_progress: bool = True,
         *,
         pad_short: bool = False,
-    ) -> np.ndarray | tuple[np.ndarray, dict]:
+    ) -> np.ndarray | dict[int | str, np.ndarray] | tuple[Any, Any]:
         """In silico fMRI responses to a batch of videos.
 
         Args:
@@ -204,21 +324,121 @@ class BERG:
             0..255 pixels, float dtypes 0..1; T >= 14 frames are sampled with BERG's rule.
           pad_short: repeat the last frame of videos shorter than 14 frames.
         Returns:
-          float32 (B, model.n_voxels), and BERG's metadata dict when return_metadata.
+          float32 (B, model.n_voxels) for a one-subject model (BERG's case); otherwise a dict
+          {subject: float32 (B, n_voxels[subject]), "components": float32 (B, K)}. With
+          return_metadata, also BERG's metadata dict (a dict of them keyed by subject for
+          several subjects).
         """
         clips, info = validate_stimulus(stimulus, pad_short=pad_short)
-        out = np.empty((info.n_videos, model.n_voxels), dtype=np.float32)
-        # Fewer videos than a batch compile a smaller power-of-two batch, not a padded full one.
+        columns = model.output_columns
+        out = {name: np.empty((info.n_videos, width), dtype=np.float32) for name, width in columns.items()}
+        n_dev = max(len(model.devices), 1)
+        # Fewer videos than a batch compile a smaller power-of-two batch, not a padded full one
+        # (rounded up to split evenly over the devices).
         bs = min(model.batch_size, 1 << max(info.n_videos - 1, 0).bit_length())
+        bs = -(-bs // n_dev) * n_dev
         batches = ((lo, np.asarray(clips[lo: lo + bs])) for lo in range(0, info.n_videos, bs))
-        progress = _progress(info.n_videos, show_progress, desc=f"encoding sub-{model.subject:02d}")
-        for lo, responses in run_batches(model.encode_fn(), batches, bs):
-            out[lo: lo + len(responses)] = responses
-            progress.update(len(responses))
+        progress = _progress(info.n_videos, show_progress, desc=f"encoding {model.label}")
+        for lo, result in run_batches(model.encode_fn(), batches, bs):
+            n = 0
+            for name, rows in flat_outputs(result).items():
+                out[name][lo: lo + len(rows)] = rows
+                n = len(rows)
+            progress.update(n)
         progress.close()
+        result = out if model.returns_dict else out[model.subject]
         if return_metadata:
-            return out, self.get_model_metadata(model.model_id, model.subject)
-        return out
+            if model.returns_dict:
+                return result, {s: self.get_model_metadata(model.model_id, s) for s in model.subjects}
+            return result, self.get_model_metadata(model.model_id, model.subject)
+        return result
+
+    def responses_from_components(
+        self,
+        components: Any,
+        subject: Subjects = 1,
+        selection: dict | None = None,
+        device: str = "auto",
+        *,
+        precision: Any = "highest",
+    ) -> np.ndarray | dict[int, np.ndarray]:
+        """Stored components -> responses, equal to encoding the videos again (see the module function)."""
+        return responses_from_components(components, self.berg_dir, subject, selection, device,
+                                         precision=precision)
+
+
+def load_heads(
+    berg_dir: str | os.PathLike,
+    subject: Subjects,
+    selection: dict | None = None,
+    device: str = "auto",
+) -> dict[int, Any]:
+    """{subject: its regression (restricted to `selection`) on `device`}, converting BERG's files if needed."""
+    berg = BERG(berg_dir)
+    subjects = parse_subjects(subject)
+    if not subjects:
+        raise InvalidParameterError("a subject is needed (1..10, a list of them, or 'all')")
+    if not head.is_converted(berg.berg_dir) or not all(head.is_converted(berg.berg_dir, s) for s in subjects):
+        head.convert_berg_dir(berg.berg_dir, list(subjects))
+    dev = resolve_device(device)
+    return {s: jax.device_put(head.load_regression(berg.berg_dir, s, berg._selected_voxels(s, selection)), dev)
+            for s in subjects}
+
+
+def apply_head(components: Any, regression: Any, precision: Any = "highest") -> np.ndarray:
+    """(n, K) float32 components -> (n, N_sel) float32 responses: the encoder's own regression."""
+    comps = np.asarray(components, dtype=np.float32)
+    k = regression["coef"].shape[0]
+    if comps.ndim != 2 or comps.shape[1] != k:
+        raise InvalidParameterError(
+            f"components must be (n, K = {k}) float32 (as `encode --components` writes), got shape {comps.shape}; "
+            "were they written with another berg_dir?")
+    if comps.shape[0] == 1:
+        # XLA:CPU computes a 1-row product with another kernel (matrix-vector) than the
+        # encoder's batched one, which rounds differently; two rows take the batched path.
+        return np.asarray(_regress_jit(np.repeat(comps, 2, axis=0), regression, precision))[:1]
+    return np.asarray(_regress_jit(comps, regression, precision))
+
+
+def responses_from_components(
+    components: Any,
+    berg_dir: str | os.PathLike,
+    subject: Subjects = 1,
+    selection: dict | None = None,
+    device: str = "auto",
+    *,
+    precision: Any = "highest",
+    batch_rows: int = 4096,
+) -> np.ndarray | dict[int, np.ndarray]:
+    """Turn stored K components (`encode --components`) into voxel responses.
+
+    The encoder's own regression, at the same precision, on the components it computed, so
+    the result equals a direct `encode` of the same videos: bit for bit on CPU whenever that
+    encode ran batches of two or more (the tests check it), otherwise to float32 rounding
+    (a matmul's rounding can depend on its row count and the device's kernel).
+
+    Args:
+      components: float32 (n, K), e.g. `np.load("OUT/components.npy", mmap_mode="r")`
+        (read `batch_rows` rows at a time). NaN rows (failed videos) give NaN rows.
+      berg_dir, subject, selection, device: as in `BERG.get_encoding_model`.
+    Returns:
+      float32 (n, n_voxels) for one subject; {subject: array} for a list or "all".
+    """
+    heads = load_heads(berg_dir, subject, selection, device)
+    n = len(components)
+    out = {}
+    for s, regression in heads.items():
+        res = np.empty((n, regression["coef"].shape[1]), np.float32)
+        for lo in range(0, n, batch_rows):
+            block = components[lo: lo + batch_rows]
+            res[lo: lo + len(block)] = apply_head(block, regression, precision)
+        out[s] = res
+    return out[next(iter(out))] if isinstance(subject, (int, np.integer)) else out
+
+
+@functools.partial(jax.jit, static_argnames=("precision",))
+def _regress_jit(components: jax.Array, regression: dict, precision: Any) -> jax.Array:
+    return head.regress(components, regression, precision)
 
 
 def _progress(total: int, show: bool, desc: str):
@@ -227,12 +447,18 @@ def _progress(total: int, show: bool, desc: str):
     return tqdm(total=total, disable=not show, desc=desc, unit="video", dynamic_ncols=True)
 
 
-def encoder(model: EncodingModel) -> tuple[Callable[..., jax.Array], EncodingParams]:
+def encoder(model: EncodingModel) -> tuple[Callable[..., Any], EncodingParams]:
     """The pure function and its parameters, for JAX code that jits, vmaps, shards or differentiates.
 
     `fn(params, frames)` maps (B, 14, H, W, 3) frames -- uint8 0..255, or float 0..1 for
-    gradients -- to (B, n_voxels) float32. It is already jitted; compose it freely.
+    gradients -- to (B, n_voxels) float32 for a one-subject model, and to
+    `encode_outputs`' dict {"responses": {subject: ...}, "components": ...} otherwise. It
+    is already jitted; compose it freely.
     """
-    fn = functools.partial(encode_frames, precision=model.precision, conv_impl=model.conv_impl,
-                           backbone_chunk=model.backbone_chunk)
+    if not model.returns_dict:
+        fn = functools.partial(encode_frames, precision=model.precision, conv_impl=model.conv_impl,
+                               backbone_chunk=model.backbone_chunk)
+    else:
+        fn = functools.partial(encode_outputs, precision=model.precision, conv_impl=model.conv_impl,
+                               backbone_chunk=model.backbone_chunk, with_components=model.with_components)
     return fn, model.params

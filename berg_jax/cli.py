@@ -1,8 +1,12 @@
 """`berg-jax`: the command line. Thin: parse, call the library, report.
 
-    berg-jax encode VIDEO_OR_FOLDER... --berg-dir DIR --subject N [--roi NAME | --voxels MASK.npy]
-                    --out OUT [--batch-size B] [--nifti] [--pad-short] [--plot]
-                    [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
+    berg-jax encode VIDEO_OR_FOLDER... --berg-dir DIR --subject N|N,N,...|all [--components]
+                    [--roi NAME | --voxels MASK.npy] --out OUT [--batch-size B] [--nifti]
+                    [--pad-short] [--plot] [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
+                    [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
+    berg-jax merge OUT                      (after `encode --distributed`)
+    berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N --out RESPONSES.npy
+    berg-jax optimize --berg-dir DIR --subject N --roi NAME --out DIR
     berg-jax fetch  --berg-dir DIR --subjects N [N ...] [--s3d | --no-s3d]
     berg-jax info   --berg-dir DIR [--subject N] [--plot OUT.png]
     berg-jax convert --berg-dir DIR [--subjects N ...] [--force]
@@ -45,7 +49,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from berg_jax import __version__
+    from berg_jax import __version__, distributed
 
     parser = argparse.ArgumentParser(
         prog="berg-jax",
@@ -64,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "An interrupted run resumes when the same command is run again.")
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER",
                    help="video files, or folders searched recursively for video files")
-    _add_model_args(p)
+    _add_model_args(p, subject_help="BMD subject 1..10, several (1,2,3), or all: S3D runs once for "
+                                    "all of them; one responses_sub-SS.npy each")
+    p.add_argument("--components", action="store_true",
+                   help="also write OUT/components.npy ((n, K) float32, 400 bytes a video), from which "
+                        "`berg-jax responses` computes any subject's responses later; without "
+                        "--subject, write only the components")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--roi", metavar="NAME", help="only this ROI's voxels (e.g. lFFA; `berg-jax info "
                                                    "--subject N` lists them)")
@@ -82,7 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video decoding threads, working ahead of the device "
                         f"(default: half the CPU cores, 2..8; here {_default_decode_threads()})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    distributed.add_distributed_args(p)
     p.set_defaults(func=cmd_encode)
+
+    distributed.add_merge_parser(sub)
+
+    p = sub.add_parser(
+        "responses", help="turn stored components (encode --components) into responses",
+        description="Compute voxel responses from OUT/components.npy: the encoder's own regression, "
+                    "so the files equal a direct `berg-jax encode --subject ...` of the same videos. "
+                    "One subject writes OUT/responses.npy, several OUT/responses_sub-SS.npy each.")
+    p.add_argument("components", metavar="COMPONENTS.npy", help="float32 (n, K), as encode --components writes")
+    p.add_argument("--berg-dir", required=True, metavar="DIR", help="the BERG files the components were made with")
+    p.add_argument("--subject", required=True, metavar="N", help="subject 1..10, several (1,2,3), or all")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--roi", metavar="NAME", help="only this ROI's voxels")
+    sel.add_argument("--voxels", metavar="MASK.npy", help="only the voxels of a binary mask of length N_s")
+    p.add_argument("--out", required=True, metavar="OUT", help="output folder (created)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_responses)
 
     p = sub.add_parser(
         "fetch", help="download BERG's files and torchvision's S3D weights",
@@ -136,10 +164,10 @@ def _default_decode_threads() -> int:
     return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, subject_help: str = "BMD subject 1..10") -> None:
     p.add_argument("--berg-dir", required=True, metavar="DIR",
                    help="local copy of BERG's files (`berg-jax fetch --berg-dir DIR --subjects N`)")
-    p.add_argument("--subject", required=True, type=int, metavar="N", help="BMD subject 1..10")
+    p.add_argument("--subject", metavar="N", help=subject_help)
     p.add_argument("--s3d-weights", metavar="PTH",
                    help="torchvision's s3d-d76dad2f.pth or a converted checkpoint "
                         "(default: $TORCH_HOME/hub/checkpoints/s3d-d76dad2f.pth)")
@@ -199,12 +227,33 @@ def _load_voxel_mask(path: str) -> Any:
                          "with numpy.save(path, mask)") from None
 
 
+def parse_subject_arg(text: str | None) -> int | list[int] | str | None:
+    """--subject: "3" -> 3, "1,2,5" -> [1, 2, 5], "all" -> "all", None -> None."""
+    if text is None or text.strip().lower() == "all":
+        return None if text is None else "all"
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--subject {text}: give a subject 1..10, several as 1,2,3, or all") from None
+    if not values:
+        raise UsageError(f"--subject {text!r}: give a subject 1..10, several as 1,2,3, or all")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
 def run_encode(args: argparse.Namespace) -> dict:
     """`berg-jax encode` without the printing: load the model, `pipeline.encode_files`."""
+    from berg_jax import distributed
     from berg_jax.api import BERG
     from berg_jax.pipeline import encode_files
     from berg_jax.video import VIDEO_EXTENSIONS, list_videos
 
+    subject = parse_subject_arg(args.subject)
+    if subject is None and not args.components:
+        raise UsageError("give --subject N (or several: 1,2,3, or all), and/or --components")
+    if subject is None and (args.roi or args.voxels or args.nifti or args.plot):
+        raise UsageError("--roi/--voxels/--nifti/--plot are about responses: give --subject N too")
+    # Before any JAX work: jax.distributed must start first. None without --distributed.
+    shard = distributed.setup(args)
     paths = list_videos(args.inputs)
     if not paths:
         raise UsageError(
@@ -219,10 +268,14 @@ def run_encode(args: argparse.Namespace) -> dict:
         selection = {"roi": args.roi}
     elif args.voxels is not None:
         selection = {"voxels": _load_voxel_mask(args.voxels)}
+    out = args.out
+    if shard is not None:  # this process's contiguous block of the inputs, into its own OUT
+        paths, out = distributed.shard_inputs(paths, out, shard)
     berg = BERG(args.berg_dir, s3d_weights=args.s3d_weights)
-    model = berg.get_encoding_model("fmri-bmd-s3d", subject=args.subject, selection=selection,
-                                    device=args.device, batch_size=args.batch_size)
-    return encode_files(model, paths, args.out, pad_short=args.pad_short, nifti=args.nifti,
+    model = berg.get_encoding_model("fmri-bmd-s3d", subject=subject, selection=selection,
+                                    device=args.device, batch_size=args.batch_size,
+                                    components=args.components)
+    return encode_files(model, paths, out, pad_short=args.pad_short, nifti=args.nifti,
                         plot=args.plot, show_progress=not args.quiet,
                         decode_threads=args.decode_threads)
 
@@ -233,15 +286,28 @@ def print_summary(summary: dict) -> None:
     sel = summary.get("selection")
     what = ("whole brain" if sel is None else f"ROI {sel['roi']}" if "roi" in sel
             else f"voxel mask ({sel['voxels_count']} voxels)")
-    print(f"berg-jax: {n_ok} of {n} videos encoded, {n_failed} failed "
-          f"(subject {summary['subject']}, {what}, {summary['n_voxels']} voxels per video)")
-    rows = [
-        ("responses", out["responses"], f"float32 ({n}, {summary['n_voxels']}), row i = input i, NaN rows = failed"),
+    subject = summary["subject"]
+    widths = summary["arrays"]
+    if isinstance(subject, int):
+        who = f"subject {subject}, {what}, {widths['responses.npy']} voxels per video"
+    elif subject:
+        who = f"subjects {','.join(map(str, subject))}, {what}"
+    else:
+        who = f"components only, K = {widths['components.npy']}"
+    print(f"berg-jax: {n_ok} of {n} videos encoded, {n_failed} failed ({who})")
+    rows = []
+    for name, width in widths.items():
+        label = "responses" if name == "responses.npy" else name[: -len(".npy")]
+        note = "K components (`berg-jax responses` turns them into any subject's responses)" \
+            if name == "components.npy" else "voxels"
+        rows.append((label, out[label], f"float32 ({n}, {width}) {note}, row i = input i, NaN rows = failed"))
+    rows += [
         ("manifest", out["manifest"], "path,row,status,error per input"),
         ("run info", out["run"], "settings, versions, device, timings"),
     ]
-    if "nifti" in out:
-        rows.append(("NIfTI", out["nifti"], f"4-D (62, 77, 61, {n}) MNI152, volume i = row i, NaN = no value"))
+    for label, path in out.items():
+        if label == "nifti" or label.endswith("_nifti"):
+            rows.append(("NIfTI", path, f"4-D (62, 77, 61, {n}) MNI152, volume i = row i, NaN = no value"))
     if "plots" in out:
         rows.append(("plots", out["plots"], "one glass-brain PNG per encoded video"))
     for label, path, note in rows:
@@ -260,6 +326,21 @@ def print_summary(summary: dict) -> None:
         for path, reason in summary["failed"]:
             # Readers' reasons start with the path already.
             print(f"  {reason if reason.startswith(path) else f'{path}: {reason}'}")
+
+
+def cmd_responses(args: argparse.Namespace) -> int:
+    from berg_jax.pipeline import responses_from_components_file
+
+    subject = parse_subject_arg(args.subject)
+    selection = {"roi": args.roi} if args.roi else {"voxels": _load_voxel_mask(args.voxels)} if args.voxels else None
+    t0 = time.perf_counter()
+    written = responses_from_components_file(args.components, args.berg_dir, subject, args.out,
+                                             selection=selection, device=args.device,
+                                             show_progress=not args.quiet)
+    for s, path in written.items():
+        print(f"  sub-{s:02d}: {path}")
+    print(f"berg-jax responses: {len(written)} file(s) from {args.components} in {time.perf_counter() - t0:.1f} s")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- fetch

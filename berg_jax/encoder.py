@@ -3,8 +3,10 @@
 `encode_frames` is the whole model as one pure function: uint8 frames (already sampled to
 14, any H x W) -> preprocessing -> S3D -> per-tap projection -> regression -> float32
 responses, vmapped over videos and compiled once per (batch, H, W, dtype).
-`EncodingParams` is its parameter pytree. `run_batches` feeds it fixed-size batches
-(the last one padded, never recompiled) and keeps the host busy while the device works.
+`EncodingParams` is its parameter pytree. `encode_outputs` is the same model with any
+number of heads on one backbone pass (every subject, and/or the K components themselves).
+`run_batches` feeds either fixed-size batches (the last one padded, never recompiled) and
+keeps the host busy while the device works.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from berg_jax.s3d import S3D
 
 
 class EncodingParams(NamedTuple):
-    """Everything the encoder reads: S3D (folded), projection per tap, the subject's regression."""
+    """Everything the encoder reads: S3D (folded), projection per tap, the regression.
+
+    `regression` is one subject's `Regression` for `encode_frames`, or {subject: Regression}
+    (possibly empty) for `encode_outputs`.
+    """
 
     s3d: Any
     projection: Projection
-    regression: Regression
+    regression: Regression | dict[int, Regression]
 
 
 def encode_clip(params: EncodingParams, frames: jax.Array, precision: Any = None, conv_impl: str = "2d") -> jax.Array:
@@ -56,6 +62,18 @@ def encode_frames(
     videos at a time (None: the whole batch). On XLA:CPU one video at a time is ~15%
     faster (its activations stay in cache); accelerators want the whole batch.
     """
+    components = frames_to_components(params, frames, precision, conv_impl, backbone_chunk)
+    return regress(components, params.regression, precision)
+
+
+def frames_to_components(
+    params: EncodingParams,
+    frames: jax.Array,
+    precision: Any = None,
+    conv_impl: str = "2d",
+    backbone_chunk: int | None = None,
+) -> jax.Array:
+    """(B, 14, H, W, 3) frames -> (B, K) float32 components: everything before the heads."""
     clips = jax.vmap(preprocess_frames)(frames)
     backbone = S3D(precision, conv_impl)
     if backbone_chunk is None or backbone_chunk >= clips.shape[0]:
@@ -65,8 +83,45 @@ def encode_frames(
         taps = jax.lax.map(lambda c: backbone.apply({"params": params.s3d}, c[None]), clips,
                            batch_size=backbone_chunk)
         taps = {name: t[:, 0] for name, t in taps.items()}
-    components = project_taps(taps, params.projection, precision)
-    return regress(components, params.regression, precision)
+    return project_taps(taps, params.projection, precision)
+
+
+@functools.partial(jax.jit, static_argnames=("precision", "conv_impl", "backbone_chunk", "with_components"))
+def encode_outputs(
+    params: EncodingParams,
+    frames: jax.Array,
+    precision: Any = None,
+    conv_impl: str = "2d",
+    backbone_chunk: int | None = None,
+    with_components: bool = False,
+) -> dict[str, Any]:
+    """One backbone pass, every head: (B, 14, H, W, 3) -> {"responses": {subject: (B, N_sel_s)}, "components": (B, K)}.
+
+    `params.regression` is {subject: Regression}; S3D and the projection (97% of the work)
+    run once however many subjects there are. "components" is included when
+    `with_components`; `regress(components, head)` recomputes any subject's responses.
+    """
+    components = frames_to_components(params, frames, precision, conv_impl, backbone_chunk)
+    out: dict[str, Any] = {"responses": {s: regress(components, r, precision) for s, r in params.regression.items()}}
+    if with_components:
+        out["components"] = components
+    return out
+
+
+def flat_outputs(result: dict[str, Any]) -> dict[int | str, Any]:
+    """`encode_outputs`' nested result -> {subject: responses, ..., "components": components}.
+
+    (Nested inside JAX because a pytree's dict keys must sort: ints and strings don't mix.)
+    """
+    flat: dict[int | str, Any] = dict(result["responses"])
+    if "components" in result:
+        flat["components"] = result["components"]
+    return flat
+
+
+def _take_rows(result: Any, n: int) -> Any:
+    """The first n rows of every array of a result (an array, or a dict of them), on the host."""
+    return jax.tree.map(lambda a: np.asarray(a)[:n], result)
 
 
 def pad_batch(frames: np.ndarray, batch_size: int) -> np.ndarray:
@@ -82,7 +137,9 @@ def run_batches(
     batches: Iterable[tuple[Any, np.ndarray]],
     batch_size: int,
 ) -> Iterator[tuple[Any, np.ndarray]]:
-    """Apply `fn` to (key, frames) batches of at most `batch_size`; yield (key, responses) in order.
+    """Apply `fn` to (key, frames) batches of at most `batch_size`; yield (key, result) in order.
+
+    `fn`'s result is an array or a dict of arrays (`encode_outputs`), rows = videos.
 
     Each batch is dispatched before the previous result is pulled to the host, so decoding
     or copying the next batch overlaps the device's work on this one (JAX dispatch is
@@ -93,7 +150,7 @@ def run_batches(
         n = frames.shape[0]
         out = fn(pad_batch(np.asarray(frames), batch_size))
         if pending is not None:
-            yield pending[0], np.asarray(pending[2])[: pending[1]]
+            yield pending[0], _take_rows(pending[2], pending[1])
         pending = (key, n, out)
     if pending is not None:
-        yield pending[0], np.asarray(pending[2])[: pending[1]]
+        yield pending[0], _take_rows(pending[2], pending[1])

@@ -3,17 +3,19 @@
 OUT holds (all names fixed):
 
 - `job.json`: what the results are of: `{"format", "fingerprint", "n_inputs", "n_voxels",
-  "inputs": [path, ...], "run_config": {...}}`. Written once, first. A later run on the same
-  OUT must have the same fingerprint (sha256 of the canonical JSON of format, inputs, n_voxels
-  and run_config) or it is refused with `OutputDirError`.
-- `responses.npy`: float32 (n_inputs, n_voxels), C order, a plain `.npy` (`numpy.load`, also
-  with `mmap_mode`). Row i is input i; column j is the j-th selected voxel. Created full-size,
-  NaN-filled, under a temporary name and renamed, then filled in place batch by batch.
+  "arrays": {file: columns}, "inputs": [path, ...], "run_config": {...}}`. Written once,
+  first. A later run on the same OUT must have the same fingerprint (sha256 of the canonical
+  JSON of format, inputs, n_voxels, arrays and run_config) or it is refused with `OutputDirError`.
+- the arrays, by default one `responses.npy`: float32 (n_inputs, n_voxels), C order, a plain
+  `.npy` (`numpy.load`, also with `mmap_mode`). Row i is input i; column j is the j-th
+  selected voxel. Created full-size, NaN-filled, under a temporary name and renamed, then
+  filled in place batch by batch. A job may name several arrays with the same rows (one
+  `responses_sub-SS.npy` per subject, `components.npy`); every one follows these rules.
 - `progress.jsonl`: the journal, append-only, one JSON object per line:
   `{"rows": [i, ...], "status": "ok"}` or `{"rows": [i, ...], "status": "failed", "error": "..."}`.
-  A line is appended (and fsynced) only after its rows were flushed to `responses.npy`.
+  A line is appended (and fsynced) only after its rows were flushed to every array.
 - `manifest.csv` (at finish): header `path,row,status,error`, one line per input in input
-  order, `\\n` line ends. A failed input's row in `responses.npy` is all NaN.
+  order, `\\n` line ends. A failed input's row in every array is all NaN.
 - `run.json` (at finish): run_config merged with the caller's run_info plus counts.
 - `.berg-jax.lock`: held with `flock` while a writer is open, so two runs cannot share OUT.
 
@@ -59,6 +61,7 @@ except ImportError:  # pragma: no cover - Windows
 FORMAT = "berg-jax-out/1"
 JOB_FILE = "job.json"
 RESPONSES_FILE = "responses.npy"
+COMPONENTS_FILE = "components.npy"
 PROGRESS_FILE = "progress.jsonl"
 MANIFEST_FILE = "manifest.csv"
 RUN_FILE = "run.json"
@@ -168,13 +171,14 @@ def _pretty_json(obj: Any) -> str:
 # --------------------------------------------------------------------------- the writer
 
 
-def _job_record(paths: list[str], n_voxels: int, run_config: dict) -> dict:
+def _job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> dict:
     """job.json's content; the fingerprint covers everything that determines the results."""
     body = {
         "format": FORMAT,
         "inputs": paths,
         "n_inputs": len(paths),
-        "n_voxels": n_voxels,
+        "n_voxels": next(iter(arrays.values())),
+        "arrays": dict(arrays),
         "run_config": _jsonable(run_config),
     }
     canon = _canonical_json(body).encode("utf-8", errors="surrogateescape")
@@ -189,6 +193,8 @@ def _job_difference(old: dict, new: dict) -> str:
         diffs.append(f"format {old.get('format')!r} != {new['format']!r}")
     if old.get("n_voxels") != new["n_voxels"]:
         diffs.append(f"n_voxels {old.get('n_voxels')} != {new['n_voxels']}")
+    if old.get("arrays") != new["arrays"]:
+        diffs.append(f"arrays {old.get('arrays')} != {new['arrays']}")
     old_cfg, new_cfg = old.get("run_config") or {}, new["run_config"]
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if old_cfg.get(key, "<unset>") != new_cfg.get(key, "<unset>"):
@@ -251,6 +257,9 @@ class ResponseWriter:
                 w.mark_failed(batch, str(e))
         w.finish(run_info)
 
+    With several arrays, open with `columns={"responses_sub-01.npy": n1, "components.npy": 100}`
+    and pass `write_rows` a dict of the same names.
+
     `run_config` must hold exactly the settings that determine the values (model id, subject,
     selection, ...): it is part of the job fingerprint. Settings a resume may change (batch
     size, device, workers) and timings belong in `run_info` at `finish`.
@@ -260,7 +269,7 @@ class ResponseWriter:
         self,
         out_dir: Path,
         job: dict,
-        responses: np.memmap,
+        arrays: dict[str, np.memmap],
         status: np.ndarray,
         errors: dict[int, str],
         journal: BinaryIO,
@@ -271,8 +280,9 @@ class ResponseWriter:
         self.job = job
         self.paths: list[str] = job["inputs"]
         self.n_voxels: int = job["n_voxels"]
+        self.columns: dict[str, int] = job["arrays"]
         self.run_config: dict = job["run_config"]
-        self.responses = responses  # np.memmap float32 (n_inputs, n_voxels), read-write
+        self.arrays = arrays  # file name -> np.memmap float32 (n_inputs, columns), read-write
         # per input: 0 pending, 1 ok, 2 failed
         self._status = status
         self._errors = errors
@@ -286,7 +296,7 @@ class ResponseWriter:
         cls,
         out_dir: str | os.PathLike,
         paths: Sequence[str | os.PathLike],
-        n_voxels: int,
+        columns: int | dict[str, int],
         run_config: dict,
     ) -> ResponseWriter:
         """Create the results in `out_dir`, or resume the same job's results already there.
@@ -294,7 +304,8 @@ class ResponseWriter:
         Args:
           out_dir: OUT; created if missing. Unrelated files in it are left alone.
           paths: the inputs, in output-row order (strings are compared as given on resume).
-          n_voxels: columns of `responses.npy` (the selection's voxel count).
+          columns: columns of `responses.npy` (the selection's voxel count), or
+            {file name: columns} for a job writing several arrays (names end in `.npy`).
           run_config: JSON-able settings that determine the values (numpy values allowed).
         Raises:
           OutputDirError: OUT holds a different job's results (or results without a
@@ -304,13 +315,20 @@ class ResponseWriter:
         paths = [os.fspath(p) for p in paths]
         if not paths:
             raise ValueError("no inputs to encode")
-        if int(n_voxels) <= 0:
-            raise ValueError(f"n_voxels must be positive, got {n_voxels}")
+        arrays = {RESPONSES_FILE: columns} if not isinstance(columns, dict) else dict(columns)
+        for name, width in arrays.items():
+            if not name.endswith(".npy") or Path(name).name != name or name.startswith("."):
+                raise ValueError(f"array names must be plain file names ending in .npy, got {name!r}")
+            if int(width) <= 0:
+                raise ValueError(f"{name}: columns must be positive, got {width}")
+        if not arrays:
+            raise ValueError("no arrays to write")
+        arrays = {name: int(width) for name, width in arrays.items()}
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock_dir(out)
         try:
-            return cls._open_locked(out, paths, int(n_voxels), run_config, lock)
+            return cls._open_locked(out, paths, arrays, run_config, lock)
         except BaseException:
             if lock is not None:
                 lock.close()
@@ -318,12 +336,12 @@ class ResponseWriter:
 
     @classmethod
     def _open_locked(
-        cls, out: Path, paths: list[str], n_voxels: int, run_config: dict, lock: BinaryIO | None
+        cls, out: Path, paths: list[str], columns: dict[str, int], run_config: dict, lock: BinaryIO | None
     ) -> ResponseWriter:
         for leftover in out.glob(f".*{_TMP_MARK}*"):  # from runs killed mid atomic write
             leftover.unlink(missing_ok=True)
-        job = _job_record(paths, n_voxels, run_config)
-        job_path, resp_path, prog_path = out / JOB_FILE, out / RESPONSES_FILE, out / PROGRESS_FILE
+        job = _job_record(paths, columns, run_config)
+        job_path, prog_path = out / JOB_FILE, out / PROGRESS_FILE
         advice = f"choose another --out, or delete {out} to start over"
         if job_path.exists():
             try:
@@ -336,7 +354,7 @@ class ResponseWriter:
                     f"{advice}"
                 )
         else:
-            ours = [n for n in (RESPONSES_FILE, PROGRESS_FILE, MANIFEST_FILE, RUN_FILE)
+            ours = [n for n in (*columns, PROGRESS_FILE, MANIFEST_FILE, RUN_FILE)
                     if (out / n).exists()]
             if ours:
                 raise OutputDirError(
@@ -347,22 +365,24 @@ class ResponseWriter:
             atomic_write_text(job_path, _pretty_json(job))
 
         n_inputs = len(paths)
-        if resp_path.exists():
-            try:
-                responses = open_memmap(resp_path, mode="r+")
-            except (ValueError, OSError) as e:
-                raise OutputDirError(f"{resp_path} is not a readable .npy ({e}); {advice}") from e
-            if (responses.shape != (n_inputs, n_voxels) or responses.dtype != np.float32
-                    or not responses.flags.c_contiguous):
-                found = (responses.shape, responses.dtype)
-                del responses
-                raise OutputDirError(
-                    f"{resp_path} is {found}, expected float32 {(n_inputs, n_voxels)}; {advice}"
-                )
-        else:
-            # Without the responses file the journal's "done" rows have no data any more.
+        if not all((out / name).exists() for name in columns):
+            # Without an array the journal's "done" rows have no data any more: start over.
             prog_path.unlink(missing_ok=True)
-            responses = _create_nan_npy(resp_path, (n_inputs, n_voxels))
+        arrays = {}
+        for name, width in columns.items():
+            path = out / name
+            if not path.exists():
+                arrays[name] = _create_nan_npy(path, (n_inputs, width))
+                continue
+            try:
+                arr = open_memmap(path, mode="r+")
+            except (ValueError, OSError) as e:
+                raise OutputDirError(f"{path} is not a readable .npy ({e}); {advice}") from e
+            if arr.shape != (n_inputs, width) or arr.dtype != np.float32 or not arr.flags.c_contiguous:
+                found = (arr.shape, arr.dtype)
+                del arr
+                raise OutputDirError(f"{path} is {found}, expected float32 {(n_inputs, width)}; {advice}")
+            arrays[name] = arr
 
         entries, good_end = _read_journal(prog_path, n_inputs)
         status = np.zeros(n_inputs, np.uint8)
@@ -381,13 +401,18 @@ class ResponseWriter:
             journal.truncate(good_end)
             journal.seek(good_end)
             os.fsync(journal.fileno())
-        return cls(out, job, responses, status, errors, journal, lock)
+        return cls(out, job, arrays, status, errors, journal, lock)
 
     # ---------------------------------------------------------------- progress
 
     @property
     def n_inputs(self) -> int:
         return len(self.paths)
+
+    @property
+    def responses(self) -> np.memmap | None:
+        """The array of a one-array job (`responses.npy`); use `arrays[name]` for the others."""
+        return self.arrays.get(RESPONSES_FILE) if self.arrays is not None else None
 
     def pending(self) -> list[int]:
         """Input indices (ascending) that are neither written nor marked failed."""
@@ -411,24 +436,32 @@ class ResponseWriter:
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
-    def write_rows(self, indices: Sequence[int], responses: np.ndarray) -> None:
+    def write_rows(self, indices: Sequence[int], responses: np.ndarray | dict[str, np.ndarray]) -> None:
         """Store the responses of inputs `indices` and record them as done.
 
         Args:
           indices: (n,) int, pending input indices (any order).
-          responses: (n, n_voxels) array, stored as float32.
+          responses: (n, n_voxels) array, stored as float32; for a job of several arrays a
+            dict {file name: (n, columns) array} naming every one of them.
         """
         idx = self._check_pending(indices)
-        values = np.asarray(responses)
-        if values.shape != (idx.size, self.n_voxels):
-            raise ValueError(
-                f"responses must be {(idx.size, self.n_voxels)}, got {values.shape}"
-            )
+        if not isinstance(responses, dict):
+            if len(self.columns) != 1:
+                raise ValueError(f"this job writes {list(self.columns)}: pass a dict of them")
+            responses = {next(iter(self.columns)): responses}
+        if set(responses) != set(self.columns):
+            raise ValueError(f"write_rows got arrays {sorted(responses)}, the job has {sorted(self.columns)}")
+        values = {name: np.asarray(v) for name, v in responses.items()}
+        for name, v in values.items():
+            if v.shape != (idx.size, self.columns[name]):
+                raise ValueError(f"{name}: rows must be {(idx.size, self.columns[name])}, got {v.shape}")
         if idx.size == 0:
             return
-        self.responses[idx] = values.astype(np.float32, copy=False)
+        for name, v in values.items():
+            self.arrays[name][idx] = v.astype(np.float32, copy=False)
         # Rows must be on disk before the journal says they are (msync, then append+fsync).
-        self.responses.flush()
+        for arr in self.arrays.values():
+            arr.flush()
         self._journal_append({"rows": idx.tolist(), "status": "ok"})
         self._status[idx] = 1
 
@@ -441,8 +474,9 @@ class ResponseWriter:
         idx = self._check_pending([indices] if isinstance(indices, (int, np.integer)) else indices)
         if idx.size == 0:
             return
-        self.responses[idx] = np.nan
-        self.responses.flush()
+        for arr in self.arrays.values():
+            arr[idx] = np.nan
+            arr.flush()
         error = str(error)
         self._journal_append({"rows": idx.tolist(), "status": "failed", "error": error})
         self._status[idx] = 2
@@ -475,7 +509,8 @@ class ResponseWriter:
         if left:
             raise ValueError(f"{len(left)} inputs still pending (first: {left[:5]}); "
                              "write or mark_failed them before finish()")
-        self.responses.flush()
+        for arr in self.arrays.values():
+            arr.flush()
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(MANIFEST_COLUMNS)
@@ -489,6 +524,7 @@ class ResponseWriter:
             "n_ok": self.n_inputs - n_failed,
             "n_failed": n_failed,
             "n_voxels": self.n_voxels,
+            "arrays": self.columns,
         }
         atomic_write_text(self.out_dir / RUN_FILE, _pretty_json(run))
         self.close()
@@ -499,9 +535,10 @@ class ResponseWriter:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
-        if self.responses is not None:
-            self.responses.flush()
-            self.responses = None  # drop the mapping (closes it once unreferenced)
+        if self.arrays is not None:
+            for arr in self.arrays.values():
+                arr.flush()
+            self.arrays = None  # drop the mappings (each closes once unreferenced)
         if self._lock is not None:
             self._lock.close()  # closing the fd drops the flock
             self._lock = None
@@ -524,6 +561,29 @@ def _lock_dir(out: Path) -> BinaryIO | None:
         f.close()
         raise OutputDirError(f"{out} is in use by another berg-jax run ({e})") from e
     return f
+
+
+@contextmanager
+def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = np.float32) -> Iterator[np.memmap]:
+    """A writable .npy memmap that appears at `path` only when the block exits cleanly.
+
+    For arrays larger than memory: fill it slab by slab; on an exception the temporary file
+    is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        mm = open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield mm
+        mm.flush()
+        del mm
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _create_nan_npy(path: Path, shape: tuple[int, int]) -> np.memmap:

@@ -40,11 +40,11 @@ import numpy as np
 from berg_jax import outputs
 from berg_jax.api import EncodingModel
 from berg_jax.berg_files import N_VOXELS
-from berg_jax.encoder import run_batches
+from berg_jax.encoder import flat_outputs, run_batches
 from berg_jax.errors import InvalidParameterError
 from berg_jax.video import prefetch_clips, read_clip
 
-__all__ = ["PLOTS_DIR", "encode_files", "job_config", "plot_file_name"]
+__all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file_name", "responses_from_components_file"]
 
 PLOTS_DIR = "plots"
 
@@ -55,15 +55,30 @@ PLOTS_DIR = "plots"
 def _selection_config(model: EncodingModel) -> Any:
     """What the selection contributes to the job: None, "roi:NAME", or the mask's digest."""
     sel = model.selection
-    if not sel:
+    if not sel or not model.subjects:
         return None
     if "roi" in sel:  # BERG: roi wins when both are given
         return {"roi": str(sel["roi"])}
     # The mask as a canonical bool vector, so 0/1 ints and bools of the same mask agree.
-    mask = np.zeros(N_VOXELS[model.subject], bool)
-    mask[np.asarray(model.voxels)] = True
+    subject = model.subjects[0]  # a voxel mask is one subject's
+    mask = np.zeros(N_VOXELS[subject], bool)
+    mask[np.asarray(model.voxels_of(subject))] = True
     return {"voxels_sha256": hashlib.sha256(mask.tobytes()).hexdigest(),
-            "voxels_count": int(len(model.voxels))}
+            "voxels_count": int(len(model.voxels_of(subject)))}
+
+
+def output_files(model: EncodingModel) -> dict[int | str, str]:
+    """Each of the model's outputs -> its file in OUT.
+
+    BERG's case (one subject) writes `responses.npy`; several subjects write
+    `responses_sub-SS.npy` each; components go to `components.npy`.
+    """
+    files: dict[int | str, str] = {}
+    for s in model.subjects:
+        files[s] = outputs.RESPONSES_FILE if isinstance(model.subject, int) else f"responses_sub-{s:02d}.npy"
+    if model.with_components:
+        files["components"] = outputs.COMPONENTS_FILE
+    return files
 
 
 def _weights_fingerprint(model: EncodingModel) -> str:
@@ -75,8 +90,7 @@ def _weights_fingerprint(model: EncodingModel) -> str:
     for path, leaf in sorted(s3d_leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
         h.update(jax.tree_util.keystr(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    for leaf in (model.params.projection["bias"], model.params.regression["coef"],
-                 model.params.regression["intercept"]):
+    for leaf in (model.params.projection["bias"], *jax.tree_util.tree_leaves(model.params.regression)):
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()[:16]
 
@@ -90,14 +104,19 @@ def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
     row into values; the weights fingerprint catches the same command pointed at other
     weights (e.g. the demo's synthetic ones).
     """
-    return {
+    files = output_files(model)
+    config = {
         "model_id": model.model_id,
-        "subject": int(model.subject),
+        "subject": model.subject if isinstance(model.subject, int) else list(model.subjects),
         "selection": _selection_config(model),
-        "n_voxels": int(model.n_voxels),
+        "n_voxels": ({files[s]: model.n_voxels_of(s) for s in model.subjects}
+                     if model.returns_dict else int(model.n_voxels)),
         "pad_short": bool(pad_short),
         "weights_fingerprint": _weights_fingerprint(model),
     }
+    if model.with_components:
+        config["n_components"] = int(model.n_components)
+    return config
 
 
 def plot_file_name(path: str, row: int, n_rows: int) -> str:
@@ -170,6 +189,10 @@ def encode_files(
 ) -> dict:
     """Encode video files into OUT: responses.npy, manifest.csv, run.json (+ NIfTI, plots).
 
+    A several-subject model writes `responses_sub-SS.npy` per subject (and NIfTIs
+    `responses_sub-SS.nii.gz`), a model with components `components.npy` (n, K) float32;
+    see `output_files`.
+
     Resumable: run it again with the same model, selection, paths and pad_short after an
     interruption (Ctrl-C, kill -9, power loss) and it computes only the rows not yet
     recorded; responses.npy and manifest.csv end byte-identical to an uninterrupted run's
@@ -211,33 +234,39 @@ def encode_files(
     out = Path(out_dir)
 
     # Everything that can fail for the whole job fails here, before any video is read.
-    metadata = None
+    metadata = {}
+    if (nifti or plot) and not model.subjects:
+        raise InvalidParameterError("NIfTI files and plots are of responses: load a subject, not only components")
+    if plot and not isinstance(model.subject, int):
+        raise InvalidParameterError("plots are drawn for one subject; encode with a single subject to plot")
     if nifti or plot:
         from berg_jax.berg_files import load_metadata
 
-        metadata = load_metadata(model.berg_dir, model.subject)
+        metadata = {s: load_metadata(model.berg_dir, s) for s in model.subjects}
     if plot:
         from berg_jax import plots
 
         plots.require_plotting()
-    writer = outputs.ResponseWriter.open(out, paths, model.n_voxels, job_config(model, pad_short))
+    names = output_files(model)
+    writer = outputs.ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
+                                         job_config(model, pad_short))
     try:
         stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads)
-        files = {
-            "responses": out / outputs.RESPONSES_FILE,
-            "manifest": out / outputs.MANIFEST_FILE,
-            "run": out / outputs.RUN_FILE,
-        }
+        files = {("responses" if f == outputs.RESPONSES_FILE else f[: -len(".npy")]): out / f
+                 for f in names.values()}
+        files.update({"manifest": out / outputs.MANIFEST_FILE, "run": out / outputs.RUN_FILE})
         status = writer.manifest_rows()
         if nifti:
-            fmri = metadata["fmri"]
-            outputs.write_responses_nifti(
-                out / outputs.NIFTI_FILE, writer.responses, fmri["sub_mask"],
-                fmri["sub_mask_affine"], header=fmri.get("sub_mask_header"),
-                selected_indices=model.voxels)
-            files["nifti"] = out / outputs.NIFTI_FILE
+            for s in model.subjects:
+                fmri = metadata[s]["fmri"]
+                nii = names[s][: -len(".npy")] + ".nii.gz"
+                outputs.write_responses_nifti(
+                    out / nii, writer.arrays[names[s]], fmri["sub_mask"],
+                    fmri["sub_mask_affine"], header=fmri.get("sub_mask_header"),
+                    selected_indices=model.voxels_of(s))
+                files["nifti" if nii == outputs.NIFTI_FILE else nii[: -len(".nii.gz")] + "_nifti"] = out / nii
         if plot:
-            files["plots"] = _draw_plots(writer, model, metadata, out / PLOTS_DIR, status)
+            files["plots"] = _draw_plots(writer, model, metadata[model.subject], out / PLOTS_DIR, status)
         run_info = {
             "berg_jax_version": _version(),
             "jax_version": jax.__version__,
@@ -285,7 +314,7 @@ def _encode_pending(
     first_result_s: float | None = None
     counts = {"ok": 0, "failed": 0}
     bar = tqdm(total=len(paths), initial=n_resumed, unit="video", disable=not show_progress,
-               desc=f"encoding sub-{model.subject:02d}", dynamic_ncols=True, smoothing=0.1)
+               desc=f"encoding {model.label}", dynamic_ncols=True, smoothing=0.1)
 
     def record_failures(errors: dict[int, str]) -> None:
         for i in sorted(errors):  # one journal line per file: each has its own reason
@@ -294,6 +323,7 @@ def _encode_pending(
         bar.update(len(errors))
 
     encode = model.encode_fn()
+    names = output_files(model)
 
     def dispatch(frames: np.ndarray) -> jax.Array:
         try:
@@ -322,8 +352,8 @@ def _encode_pending(
     try:
         while True:
             try:
-                for indices, responses in run_batches(dispatch, feed(), bs):
-                    writer.write_rows(indices, responses)
+                for indices, result in run_batches(dispatch, feed(), bs):
+                    writer.write_rows(indices, {names[k]: v for k, v in flat_outputs(result).items()})
                     in_flight.pop(0)
                     counts["ok"] += len(indices)
                     bar.update(len(indices))
@@ -373,6 +403,65 @@ def _draw_plots(writer: outputs.ResponseWriter, model: EncodingModel, metadata: 
             continue
         plots.plot_response(
             np.asarray(writer.responses[row]), fmri["sub_mask"], fmri["sub_mask_affine"], png,
-            selected_indices=model.voxels,
+            selected_indices=model.voxels_of(model.subject),
             title=f"{Path(path).name} (sub-{model.subject:02d}, row {row})")
     return plot_dir
+
+
+# --------------------------------------------------------------------------- components -> responses
+
+
+def responses_from_components_file(
+    components_path: str | os.PathLike,
+    berg_dir: str | os.PathLike,
+    subject: Any,
+    out_dir: str | os.PathLike,
+    *,
+    selection: dict | None = None,
+    device: str = "auto",
+    show_progress: bool = True,
+    batch_rows: int = 4096,
+) -> dict[int, Path]:
+    """OUT/components.npy -> responses files, as `encode` would have written them directly.
+
+    Streams `batch_rows` rows at a time (a million-clip components.npy is 400 MB; its
+    whole-brain responses 430 GB per subject), each file written under a temporary name and
+    renamed when complete. One subject (int) writes `responses.npy`; a list or "all" writes
+    `responses_sub-SS.npy` each, the names `encode` uses.
+
+    Returns:
+      {subject: path written}.
+    """
+    from tqdm.auto import tqdm
+
+    from berg_jax.api import apply_head, load_heads
+
+    path = Path(components_path)
+    try:
+        components = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidParameterError(f"{path}: no such file; pass the components.npy that "
+                                    "`berg-jax encode --components` wrote") from None
+    except (ValueError, OSError) as exc:
+        raise InvalidParameterError(f"{path}: not a readable .npy ({exc})") from None
+    if components.ndim != 2 or components.dtype != np.float32:
+        raise InvalidParameterError(f"{path}: expected float32 (n, K) components, got {components.dtype} "
+                                    f"{components.shape}")
+    heads = load_heads(berg_dir, subject, selection, device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    one = isinstance(subject, (int, np.integer))
+    written = {}
+    n = components.shape[0]
+    bar = tqdm(total=n * len(heads), unit="video", disable=not show_progress, desc="components -> responses",
+               dynamic_ncols=True)
+    for s, regression in heads.items():
+        target = out / (outputs.RESPONSES_FILE if one else f"responses_sub-{s:02d}.npy")
+        with outputs.atomic_npy(target, (n, regression["coef"].shape[1])) as mm:
+            for lo in range(0, n, batch_rows):
+                block = components[lo: lo + batch_rows]
+                mm[lo: lo + len(block)] = apply_head(block, regression)
+                bar.update(len(block))
+        written[s] = target
+    bar.close()
+    return written
