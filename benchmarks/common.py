@@ -9,8 +9,12 @@ from pathlib import Path
 DEFAULT_CACHE = Path(os.environ.get("BERG_JAX_BENCH_DIR", Path.home() / ".cache" / "berg-jax" / "bench"))
 
 
-def synthetic_model(cache: Path = DEFAULT_CACHE, n_components: int = 100) -> tuple[Path, Path]:
-    """(berg_dir, s3d .pth) with the real shapes and seeded weights, built once and reused."""
+def synthetic_model(cache: Path = DEFAULT_CACHE, n_components: int = 100,
+                    subjects: tuple[int, ...] = (1,)) -> tuple[Path, Path]:
+    """(berg_dir, s3d .pth) with the real shapes and seeded weights, built once and reused.
+
+    Subjects beyond sub-01 are added to the same berg_dir on first request (the 1.7 GB PCA
+    is written once)."""
     from berg_jax.synthetic import random_state_dict
     from berg_jax.synthetic_berg import make_berg_dir
     from berg_jax.torch_pickle import write_torch_state_dict
@@ -21,6 +25,11 @@ def synthetic_model(cache: Path = DEFAULT_CACHE, n_components: int = 100) -> tup
     if not done.exists():
         make_berg_dir(berg_dir, subjects=(1,), n_components=n_components, seed=0)
         done.touch()
+    from berg_jax.berg_files import subject_weights_path
+
+    missing = [s for s in subjects if not subject_weights_path(berg_dir, s).exists()]
+    if missing:
+        make_berg_dir(berg_dir, subjects=missing, n_components=n_components, seed=0, pca=False)
     if not pth.exists():
         write_torch_state_dict(random_state_dict(0), pth)
     return berg_dir, pth

@@ -167,6 +167,7 @@ def make_berg_dir(
     seed: int = 0,
     components_dtype: type | np.dtype = np.float32,
     rois: Sequence[str] = DEFAULT_ROIS,
+    pca: bool = True,
 ) -> Path:
     """Write a synthetic berg_dir for fmri-bmd-s3d under `root` and return `root`.
 
@@ -175,12 +176,14 @@ def make_berg_dir(
     16 MB per float32 component, so K=8 takes ~1 s and K=100 writes BERG's ~1.7 GB), and
     for each subject weights_sub-SS.npy (coef_ (N_s, K) float32) and metadata_sub-SS.npy
     (sub_mask with exactly N_s voxels, headers, affines, `rois`, accuracy arrays).
-    Deterministic in `seed`; a subject's files do not depend on the other subjects.
+    Deterministic in `seed`; a subject's files do not depend on the other subjects, so
+    `pca=False` adds subjects to an existing berg_dir without rewriting its PCA.
     """
     root = Path(root)
     pca_path = pca_weights_path(root)
     pca_path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(pca_path, _pca_dict(n_components, seed, components_dtype), allow_pickle=True)
+    if pca:
+        np.save(pca_path, _pca_dict(n_components, seed, components_dtype), allow_pickle=True)
     with tempfile.TemporaryDirectory() as tmp:
         for subject in subjects:
             np.save(subject_weights_path(root, subject),
