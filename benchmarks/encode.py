@@ -97,7 +97,7 @@ def jax_stage_pass(model, videos: np.ndarray, batch_size: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from berg_jax.encoder import pad_batch
+    from berg_jax.fused import pad_batch
     from berg_jax.head import project_taps, regress
     from berg_jax.preprocess import preprocess_frames, validate_stimulus
     from berg_jax.s3d import extract_taps

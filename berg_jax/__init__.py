@@ -1,9 +1,13 @@
 """berg-jax: BERG's fmri-bmd-s3d in silico fMRI encoding model in JAX/Flax.
 
 The data's path is the module map: video (`video`) -> frames -> clip (`preprocess`) ->
-taps (`s3d`, weights from `weights`) -> components -> voxels -> files (`outputs`).
+taps (`s3d`, weights from `weights`) -> components and voxels (`head`, BERG's files from
+`berg_files`) -> one fused jitted function (`fused`) -> files (`outputs`, `pipeline`).
+On top: BERG's API (`api`), the command line (`cli`), stimulus optimisation (`optimize`),
+many hosts (`distributed`).
 """
 
+from berg_jax.api import BERG, EncodingModel, encoder, responses_from_components
 from berg_jax.errors import (
     BERGError,
     DownloadError,
@@ -19,9 +23,23 @@ from berg_jax.weights import load_s3d
 
 __version__ = "0.1.0"
 
+# optax is only imported when the stimulus optimiser is first used.
+_OPTIMIZE_NAMES = ("Objective", "OptimizeResult", "match_pattern", "optimize_stimulus", "roi_difference", "roi_mean")
+
+
+def __getattr__(name: str):
+    if name in _OPTIMIZE_NAMES:
+        from berg_jax import optimize
+
+        return getattr(optimize, name)
+    raise AttributeError(f"module 'berg_jax' has no attribute {name!r}")
+
+
 __all__ = [
+    "BERG",
     "BERGError",
     "DownloadError",
+    "EncodingModel",
     "InvalidParameterError",
     "ModelLoadError",
     "S3D",
@@ -30,8 +48,11 @@ __all__ = [
     "TAP_SHAPES",
     "ValidationError",
     "VideoReadError",
+    "encoder",
     "extract_taps",
     "load_s3d",
     "preprocess",
+    "responses_from_components",
     "sample_frame_indices",
+    *_OPTIMIZE_NAMES,
 ]

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from berg_jax import berg_files, head
-from berg_jax.encoder import EncodingParams, encode_frames, encode_outputs, flat_outputs, run_batches
+from berg_jax.fused import EncodingParams, encode_frames, encode_outputs, flat_outputs, run_batches
 from berg_jax.errors import InvalidParameterError, ModelLoadError
 from berg_jax.fetch import default_s3d_weights_path
 from berg_jax.preprocess import validate_stimulus

@@ -50,6 +50,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from berg_jax import __version__, distributed
+    from berg_jax.cli_optimize import add_optimize_parser
 
     parser = argparse.ArgumentParser(
         prog="berg-jax",
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode)
 
     distributed.add_merge_parser(sub)
+    add_optimize_parser(sub)
 
     p = sub.add_parser(
         "responses", help="turn stored components (encode --components) into responses",
@@ -188,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"\nberg-jax {args.command}: interrupted; run the same command again to resume "
-              "where it stopped", file=sys.stderr)
+        resumable = args.command in ("encode", "fetch", "demo")
+        print(f"\nberg-jax {args.command}: interrupted" + ("; run the same command again to resume "
+              "where it stopped" if resumable else " (nothing was left half-written)"), file=sys.stderr)
         return EXIT_INTERRUPTED
     except DownloadError as exc:
         _error(args.command, exc)

@@ -16,9 +16,11 @@ The folded projection and each subject's regression are saved with orbax under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +155,32 @@ def _write_stamp(directory: Path, source: Path, **extra: Any) -> None:
     atomic_write_text(_stamp_file(directory), json.dumps(record, indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def _conversion_lock(berg_dir: str | os.PathLike) -> Iterator[None]:
+    """One converter at a time per berg_dir (several processes of a distributed run may start
+    together on a shared folder); the OS drops the lock if the holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no guard
+        yield
+        return
+    directory = converted_dir(berg_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".convert.lock", "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
 def convert_projection(berg_dir: str | os.PathLike, force: bool = False) -> Path:
     """Fold `pca_weights.npy` into the per-tap projection and save it (skipped when current)."""
     source = berg_files.pca_weights_path(berg_dir)
     target = converted_dir(berg_dir) / "projection"
     if force or not _is_current(target, source):
-        projection = fold_projection(berg_files.load_pca(berg_dir))
-        _save_tree(projection, target)
-        _write_stamp(target, source, n_components=int(projection["bias"].shape[0]))
+        with _conversion_lock(berg_dir):
+            if force or not _is_current(target, source):  # another process may have just done it
+                projection = fold_projection(berg_files.load_pca(berg_dir))
+                _save_tree(projection, target)
+                _write_stamp(target, source, n_components=int(projection["bias"].shape[0]))
     return target
 
 
@@ -179,9 +199,11 @@ def convert_subject(berg_dir: str | os.PathLike, subject: int, n_components: int
     source = berg_files.subject_weights_path(berg_dir, subject)
     target = converted_dir(berg_dir) / f"sub-{subject:02d}"
     if force or not _is_current(target, source):
-        coef, intercept = berg_files.load_subject_head(berg_dir, subject, n_components)
-        _save_tree(regression(coef, intercept), target)
-        _write_stamp(target, source, subject=subject)
+        with _conversion_lock(berg_dir):
+            if force or not _is_current(target, source):
+                coef, intercept = berg_files.load_subject_head(berg_dir, subject, n_components)
+                _save_tree(regression(coef, intercept), target)
+                _write_stamp(target, source, subject=subject)
     return target
 
 

@@ -10,7 +10,7 @@
 The data path: `video.prefetch_clips` decodes the next batches of files in background
 threads while the device computes the current one; decoded clips are grouped by frame
 size (H, W) -- each distinct size compiles once, the usual dataset has one -- and fed
-through `encoder.run_batches`, which pads every call to the model's batch size (so the
+through `fused.run_batches`, which pads every call to the model's batch size (so the
 compiled shape is reused) and dispatches a batch before pulling the previous one's
 result back. Rows go to `outputs.ResponseWriter`, which makes OUT crash-safe and
 resumable; a file that cannot be decoded is recorded (with its reason) and never stops
@@ -40,7 +40,7 @@ import numpy as np
 from berg_jax import outputs
 from berg_jax.api import EncodingModel
 from berg_jax.berg_files import N_VOXELS
-from berg_jax.encoder import flat_outputs, run_batches
+from berg_jax.fused import flat_outputs, run_batches
 from berg_jax.errors import InvalidParameterError
 from berg_jax.video import prefetch_clips, read_clip
 

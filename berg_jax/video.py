@@ -468,3 +468,58 @@ def _prefetch(
         # drop what has not started, wait for the (at most num_threads) running decodes.
         pool.shutdown(wait=True, cancel_futures=True)
         pending.clear()
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 24) -> None:
+    """Write RGB frames to an H.264 (libx264, else MPEG-4 part 2) yuv420p mp4, atomically.
+
+    The file appears at `path` complete or not at all (temporary file in the same folder,
+    fsync, `os.replace`), so a reader never sees a half-written video.
+
+    Args:
+      path: the .mp4 to write (replaced if it exists; its folder must exist).
+      frames: uint8 (T, H, W, 3) RGB, T >= 1; H and W even (yuv420p halves the chroma
+        planes, so odd sizes would be cropped or rejected by the encoder).
+      fps: frame rate (frames are at pts 0, 1, ... in units of 1/fps).
+    Raises:
+      InvalidParameterError: frames not uint8 (T, H, W, 3), empty, odd H or W, or fps < 1.
+      ImportError: PyAV is not installed.
+    """
+    from fractions import Fraction
+
+    from berg_jax.outputs import atomic_open
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise InvalidParameterError(f"write_mp4: frames must be (T, H, W, 3) RGB with T >= 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise InvalidParameterError(
+            f"write_mp4: frames must be uint8 0..255, got {frames.dtype}; convert float 0..1 frames with "
+            "np.round(frames * 255).astype(np.uint8)")
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:
+        raise InvalidParameterError(
+            f"write_mp4: frames of {h}x{w} cannot be stored as yuv420p, which needs an even height and "
+            "width; crop or pad them by one pixel (e.g. frames[:, :h - h % 2, :w - w % 2])")
+    if int(fps) != fps or fps < 1:
+        raise InvalidParameterError(f"write_mp4: fps must be a positive integer, got {fps!r}")
+    if _av is None:
+        raise ImportError("write_mp4 needs PyAV: pip install av")
+    codec = "libx264" if "libx264" in _av.codecs_available else "mpeg4"
+    with atomic_open(path) as f:
+        with _av.open(f, mode="w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=Fraction(int(fps)))
+            stream.height, stream.width = h, w
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": "18"}  # fine-grained stimuli (pixel noise) suffer at the default 23
+            for k, rgb in enumerate(np.ascontiguousarray(frames)):
+                frame = _av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = k
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():  # flush the encoder's delayed frames
+                container.mux(packet)

@@ -17,7 +17,7 @@ import pytest
 from berg_jax import head
 from berg_jax.api import BERG, encoder
 from berg_jax.berg_files import N_VOXELS, load_metadata, load_subject_head, roi_voxel_indices
-from berg_jax.encoder import encode_frames
+from berg_jax.fused import encode_frames
 from berg_jax.errors import InvalidParameterError, ModelLoadError, StimulusError, ValidationError
 from berg_jax.synthetic import synthetic_video
 from berg_jax.synthetic_berg import make_synthetic_model
