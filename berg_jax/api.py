@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from berg_jax import berg_files, head
 from berg_jax.fused import EncodingParams, encode_frames, encode_outputs, flat_outputs, run_batches
-from berg_jax.errors import InvalidParameterError, ModelLoadError
+from berg_jax.errors import BERGError, InvalidParameterError, ModelLoadError
 from berg_jax.fetch import default_s3d_weights_path
 from berg_jax.preprocess import validate_stimulus
 from berg_jax.weights import S3D_URL, load_s3d
@@ -85,8 +85,8 @@ class EncodingModel:
     """A loaded fmri-bmd-s3d model: one subject (BERG's case), or several heads on one backbone.
 
     `subject` is an int for a one-subject model -- `encode` then returns one array, as BERG
-    does -- and a tuple (or None: components only) otherwise, when `encode` returns a dict
-    {subject: responses, "components": components}. `voxels`/`n_voxels` are the selected
+    does, unless `with_components` -- and a tuple (or None: components only) otherwise;
+    then `encode` returns a dict {subject: responses, ..., "components": components}. `voxels`/`n_voxels` are the selected
     indices into the subject's N_s voxels (None = whole brain) and the output width; for a
     several-subject model, dicts keyed by subject. params live on `devices` (replicated);
     batches are sharded over them along the video axis.
@@ -144,18 +144,23 @@ class EncodingModel:
     def mesh(self) -> Mesh | None:
         return Mesh(np.array(self.devices), ("batch",)) if len(self.devices) > 1 else None
 
+    def dict_params(self) -> EncodingParams:
+        """params with the regression as {subject: Regression}, the form `encode_outputs` takes."""
+        if isinstance(self.subject, int):  # a one-subject model keeps BERG's single Regression
+            return self.params._replace(regression={self.subject: self.params.regression})
+        return self.params
+
     def encode_fn(self) -> Callable[[np.ndarray], dict[str, Any]]:
         """frames (batch_size, 14, H, W, 3) -> `encode_outputs`' result on the device(s), not yet copied back."""
-        params = self.params
-        if isinstance(self.subject, int):  # one subject's Regression -> the dict encode_outputs takes
-            params = params._replace(regression={self.subject: params.regression})
+        params = self.dict_params()
         mesh = self.mesh
         target = self.device if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
 
         def fn(frames: np.ndarray) -> dict[str, Any]:
             if frames.shape[0] % max(len(self.devices), 1):
                 raise InvalidParameterError(
-                    f"a batch of {frames.shape[0]} videos cannot be split over {len(self.devices)} devices")
+                    f"a batch of {frames.shape[0]} videos cannot be split over {len(self.devices)} devices; "
+                    f"use a batch size that is a multiple of {len(self.devices)}")
             # S3D one video at a time only pays from batch 8 up (measured: at 2-4 the whole
             # batch is faster), and never when the batch is split over devices.
             chunk = self.backbone_chunk if frames.shape[0] >= 8 and mesh is None else None
@@ -215,6 +220,22 @@ class BERG:
             return berg_files.roi_voxel_indices(self.get_model_metadata(berg_files.MODEL_ID, subject), selection["roi"])
         return berg_files.voxel_mask_indices(selection["voxels"], berg_files.N_VOXELS[subject])
 
+    def _selections(self, subjects: tuple[int, ...], selection: dict | None) -> dict[int, np.ndarray | None]:
+        """{subject: selected voxel indices or None}; errors name the subject when there are several."""
+        if len(subjects) > 1 and isinstance(selection, dict) and set(selection) == {"voxels"}:
+            raise InvalidParameterError(
+                "a voxel mask is one subject's (length N_s): use selection={'roi': NAME} with several "
+                "subjects, or load them one at a time")
+        if len(subjects) == 1:
+            return {subjects[0]: self._selected_voxels(subjects[0], selection)}
+        out = {}
+        for s in subjects:
+            try:
+                out[s] = self._selected_voxels(s, selection)
+            except BERGError as exc:
+                raise type(exc)(f"sub-{s:02d}: {exc}") from None
+        return out
+
     def _on_devices(self, key: tuple[str, ...], load: Callable[[], Any], placement: Any) -> Any:
         if key not in self._device_cache:
             self._device_cache[key] = jax.device_put(load(), placement)
@@ -257,11 +278,10 @@ class BERG:
         subjects = parse_subjects(subject)
         if not subjects and not components:
             raise InvalidParameterError("subject=None loads no head: pass a subject, or components=True")
-        if isinstance(selection, dict) and "roi" not in selection and len(subjects) > 1:
-            raise InvalidParameterError(
-                "a voxel mask is one subject's (length N_s): use selection={'roi': NAME} with several "
-                "subjects, or load them one at a time")
-        voxels = {s: self._selected_voxels(s, selection) for s in subjects}
+        if not subjects and selection is not None:
+            raise InvalidParameterError("a components-only model (subject=None) has no voxels to select; "
+                                        "select later with responses_from_components(..., selection=...)")
+        voxels = self._selections(subjects, selection)
         devices = resolve_devices(device, n_devices)
         platform = devices[0].platform
         if batch_size is None:
@@ -324,10 +344,10 @@ class BERG:
             0..255 pixels, float dtypes 0..1; T >= 14 frames are sampled with BERG's rule.
           pad_short: repeat the last frame of videos shorter than 14 frames.
         Returns:
-          float32 (B, model.n_voxels) for a one-subject model (BERG's case); otherwise a dict
-          {subject: float32 (B, n_voxels[subject]), "components": float32 (B, K)}. With
-          return_metadata, also BERG's metadata dict (a dict of them keyed by subject for
-          several subjects).
+          float32 (B, model.n_voxels) for a one-subject model without components (BERG's
+          case); otherwise a dict {subject: float32 (B, n_voxels), ..., "components":
+          float32 (B, K)}. With return_metadata, also BERG's metadata dict (for a dict
+          result, a dict of them keyed by subject).
         """
         clips, info = validate_stimulus(stimulus, pad_short=pad_short)
         columns = model.output_columns
@@ -380,9 +400,9 @@ def load_heads(
         raise InvalidParameterError("a subject is needed (1..10, a list of them, or 'all')")
     if not head.is_converted(berg.berg_dir) or not all(head.is_converted(berg.berg_dir, s) for s in subjects):
         head.convert_berg_dir(berg.berg_dir, list(subjects))
+    voxels = berg._selections(subjects, selection)
     dev = resolve_device(device)
-    return {s: jax.device_put(head.load_regression(berg.berg_dir, s, berg._selected_voxels(s, selection)), dev)
-            for s in subjects}
+    return {s: jax.device_put(head.load_regression(berg.berg_dir, s, voxels[s]), dev) for s in subjects}
 
 
 def apply_head(components: Any, regression: Any, precision: Any = "highest") -> np.ndarray:
@@ -451,14 +471,14 @@ def encoder(model: EncodingModel) -> tuple[Callable[..., Any], EncodingParams]:
     """The pure function and its parameters, for JAX code that jits, vmaps, shards or differentiates.
 
     `fn(params, frames)` maps (B, 14, H, W, 3) frames -- uint8 0..255, or float 0..1 for
-    gradients -- to (B, n_voxels) float32 for a one-subject model, and to
-    `encode_outputs`' dict {"responses": {subject: ...}, "components": ...} otherwise. It
-    is already jitted; compose it freely.
+    gradients -- to (B, n_voxels) float32 for a one-subject model without components, and
+    to `encode_outputs`' dict {"responses": {subject: ...}, "components": ...} otherwise.
+    It is already jitted; compose it freely.
     """
     if not model.returns_dict:
         fn = functools.partial(encode_frames, precision=model.precision, conv_impl=model.conv_impl,
                                backbone_chunk=model.backbone_chunk)
-    else:
-        fn = functools.partial(encode_outputs, precision=model.precision, conv_impl=model.conv_impl,
-                               backbone_chunk=model.backbone_chunk, with_components=model.with_components)
-    return fn, model.params
+        return fn, model.params
+    fn = functools.partial(encode_outputs, precision=model.precision, conv_impl=model.conv_impl,
+                           backbone_chunk=model.backbone_chunk, with_components=model.with_components)
+    return fn, model.dict_params()

@@ -5,7 +5,7 @@
                     [--pad-short] [--plot] [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
                     [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
     berg-jax merge OUT                      (after `encode --distributed`)
-    berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N --out RESPONSES.npy
+    berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N|N,N,...|all --out OUT
     berg-jax optimize --berg-dir DIR --subject N --roi NAME --out DIR
     berg-jax fetch  --berg-dir DIR --subjects N [N ...] [--s3d | --no-s3d]
     berg-jax info   --berg-dir DIR [--subject N] [--plot OUT.png]
@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--voxels", metavar="MASK.npy", help="only the voxels of a binary mask of length N_s (.npy)")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder (created; resumed if it holds this job)")
     p.add_argument("--batch-size", type=int, metavar="B",
-                   help="videos per device call (default 8 on CPU, 32 on GPU/TPU)")
+                   help="videos per call, split over all local devices (default 8 on CPU, 32 per GPU/TPU)")
     p.add_argument("--nifti", action="store_true",
-                   help="also write OUT/responses.nii.gz (4-D, MNI152, volume i = row i)")
+                   help="also write OUT/responses.nii.gz (4-D, MNI152, volume i = row i; "
+                        "responses_sub-SS.nii.gz each for several subjects)")
     p.add_argument("--pad-short", action="store_true",
                    help="repeat the last frame of videos shorter than 14 frames instead of failing them")
     p.add_argument("--plot", action="store_true",
@@ -212,7 +213,8 @@ def enable_compilation_cache() -> None:
     """
     import jax
 
-    if os.environ.get("BERG_JAX_NO_CACHE") or jax.config.jax_compilation_cache_dir:
+    if os.environ.get("BERG_JAX_NO_CACHE", "").strip().lower() in ("1", "true", "yes") \
+            or jax.config.jax_compilation_cache_dir:
         return
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     jax.config.update("jax_compilation_cache_dir", os.path.join(base, "berg-jax", "jax-cache"))
@@ -332,7 +334,9 @@ def print_summary(summary: dict) -> None:
         print(f"  {label:<10} {path}  ({note})")
     n_run = summary["n_this_run"]
     line = (f"throughput: {n_run} videos read and encoded in {summary['seconds']:.1f} s = "
-            f"{summary['videos_per_s']:.2f} videos/s on {summary['device']} (batch {summary['batch_size']}")
+            f"{summary['videos_per_s']:.2f} videos/s on {summary['device']}"
+            f"{' and %d more devices' % (summary['n_devices'] - 1) if summary.get('n_devices', 1) > 1 else ''}"
+            f" (batch {summary['batch_size']}")
     if summary.get("first_result_seconds") is not None:
         line += f"; first batch after {summary['first_result_seconds']:.1f} s, including compilation"
     line += ")"

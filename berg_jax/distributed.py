@@ -646,11 +646,8 @@ def _merge_array(path: Path, shards: list[_ShardInfo], count: int, width: int, n
                  outputs: Any) -> None:
     """Concatenate the shards' `path.name` arrays into `path` (temp file + fsync + rename)."""
     import numpy as np
-    from numpy.lib.format import open_memmap
 
-    tmp = outputs._tmp_path(path)
-    try:
-        dst = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_total, width))
+    with outputs.atomic_npy(path, (n_total, width)) as dst:
         step = max(1, _COPY_BYTES // (4 * width))
         for s in shards:
             src_path = s.folder / path.name
@@ -670,14 +667,6 @@ def _merge_array(path: Path, shards: list[_ShardInfo], count: int, width: int, n
                 dst[s.first_row + start:s.first_row + stop] = src[start:stop]
                 dst.flush()  # bounded dirty pages
             del src
-        del dst
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    outputs._fsync_dir(path.parent)
 
 
 def _merge_nifti(path: Path, shards: list[_ShardInfo], count: int, n_total: int, outputs: Any) -> None:

@@ -167,7 +167,10 @@ def _conversion_lock(berg_dir: str | os.PathLike) -> Iterator[None]:
     directory = converted_dir(berg_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".convert.lock", "ab") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some NFS, Lustre, FUSE mounts): no guard
+            pass
         yield
 
 

@@ -58,7 +58,8 @@ try:  # flock is POSIX-only; where it is missing, OUT simply isn't guarded again
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-FORMAT = "berg-jax-out/1"
+# /2 added "arrays" (several arrays per job); a /1 folder is refused with the format named.
+FORMAT = "berg-jax-out/2"
 JOB_FILE = "job.json"
 RESPONSES_FILE = "responses.npy"
 COMPONENTS_FILE = "components.npy"
@@ -523,7 +524,8 @@ class ResponseWriter:
             "n_inputs": self.n_inputs,
             "n_ok": self.n_inputs - n_failed,
             "n_failed": n_failed,
-            "n_voxels": self.n_voxels,
+            # run_config's n_voxels ({file: width} for several arrays) is kept when present.
+            "n_voxels": self.run_config.get("n_voxels", self.n_voxels),
             "arrays": self.columns,
         }
         atomic_write_text(self.out_dir / RUN_FILE, _pretty_json(run))
@@ -588,21 +590,11 @@ def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = np.
 
 def _create_nan_npy(path: Path, shape: tuple[int, int]) -> np.memmap:
     """A NaN-filled float32 .npy at `path`, created under a temp name so it appears whole."""
-    tmp = _tmp_path(path)
-    try:
-        mm = open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    with atomic_npy(path, shape) as mm:
         step = max(1, _FILL_ROWS_BYTES // (4 * shape[1]))
         for start in range(0, shape[0], step):  # slabs keep dirty pages bounded
             mm[start:start + step] = np.nan
             mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return open_memmap(path, mode="r+")
 
 

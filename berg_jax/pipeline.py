@@ -228,6 +228,11 @@ def encode_files(
         if int(batch_size) < 1:
             raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}")
         model = dataclasses.replace(model, batch_size=int(batch_size))
+    if model.batch_size % max(len(model.devices), 1):
+        # Checked here, not per batch: a batch the devices can't split would fail every video.
+        raise InvalidParameterError(
+            f"batch_size {model.batch_size} must be a multiple of the {len(model.devices)} devices "
+            f"it is split over (e.g. {len(model.devices) * max(1, model.batch_size // len(model.devices))})")
     if decode_threads < 1:
         raise InvalidParameterError(f"decode_threads must be >= 1, got {decode_threads}")
     bs = model.batch_size
@@ -271,6 +276,7 @@ def encode_files(
             "berg_jax_version": _version(),
             "jax_version": jax.__version__,
             "device": str(model.device),
+            "n_devices": max(len(model.devices), 1),
             "device_kind": getattr(model.device, "device_kind", model.device.platform),
             "platform": model.device.platform,
             "batch_size": bs,
@@ -447,8 +453,19 @@ def responses_from_components_file(
     if components.ndim != 2 or components.dtype != np.float32:
         raise InvalidParameterError(f"{path}: expected float32 (n, K) components, got {components.dtype} "
                                     f"{components.shape}")
-    heads = load_heads(berg_dir, subject, selection, device)
+    from berg_jax import head
+
+    k = head.converted_components(berg_dir) if head.is_converted(berg_dir) else None
+    if k is not None and components.shape[1] != k:
+        raise InvalidParameterError(f"{path}: {components.shape[1]} components per video, but the model in "
+                                    f"{berg_dir} has K = {k}; were they written with another berg_dir?")
     out = Path(out_dir)
+    if (out / outputs.JOB_FILE).exists():
+        # An encode folder's arrays belong to its job.json; writing beside them would
+        # replace its responses.npy with another subject's.
+        raise InvalidParameterError(f"{out} is a `berg-jax encode` output folder; write the responses "
+                                    "to a folder of their own (e.g. --out OUT/responses_from_components)")
+    heads = load_heads(berg_dir, subject, selection, device)
     out.mkdir(parents=True, exist_ok=True)
     one = isinstance(subject, (int, np.integer))
     written = {}

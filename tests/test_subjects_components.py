@@ -176,3 +176,35 @@ def test_cli_encode_needs_a_subject_or_components(env, clip_folder, tmp_path, ca
     assert cli.main(["responses", str(tmp_path / "none.npy"), "--berg-dir", str(env[0]), "--subject", "1",
                      "--out", str(tmp_path / "y")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_one_subject_with_components(berg, both_out, videos):
+    """An int subject plus components: encode and encoder() both give the dict form."""
+    model = berg.get_encoding_model(MODEL, subject=2, components=True, batch_size=2)
+    got = berg.encode(model, videos, show_progress=False)
+    assert set(got) == {2, "components"}
+    assert relative_error(got[2], both_out[2]) <= 1e-6
+    fn, params = encoder(model)
+    out = fn(params, videos[:2])
+    assert set(out["responses"]) == {2} and out["components"].shape == (2, 8)
+
+
+def test_selection_errors_name_the_subject(berg):
+    with pytest.raises(Exception, match="sub-01: .*unknown ROI|sub-01: .*'nope'"):
+        berg.get_encoding_model(MODEL, subject=[1, 2], selection={"roi": "nope"})
+    with pytest.raises(InvalidParameterError, match="components-only"):
+        berg.get_encoding_model(MODEL, subject=None, components=True, selection={"roi": "lFFA"})
+
+
+def test_responses_refuses_an_encode_folder(env, both_out, tmp_path):
+    from berg_jax.errors import InvalidParameterError as IPE
+    from berg_jax.pipeline import responses_from_components_file
+
+    comps = tmp_path / "components.npy"
+    np.save(comps, both_out["components"])
+    (tmp_path / "job.json").write_text("{}")
+    with pytest.raises(IPE, match="output folder"):
+        responses_from_components_file(comps, env[0], 1, tmp_path, show_progress=False)
+    np.save(comps, np.zeros((2, 5), np.float32))
+    with pytest.raises(IPE, match="K = 8"):
+        responses_from_components_file(comps, env[0], 1, tmp_path / "x", show_progress=False)
