@@ -61,6 +61,14 @@ def resolve_device(device: str) -> jax.Device:
     return resolve_devices(device)[0]
 
 
+def check_batch_size(batch_size: int, n_devices: int) -> None:
+    """A batch must split evenly over the devices; refused up front, never per batch."""
+    if int(batch_size) < 1 or int(batch_size) % n_devices:
+        raise InvalidParameterError(
+            f"batch_size={batch_size} must be a positive multiple of the {n_devices} devices "
+            f"it is split over (e.g. {n_devices * max(1, int(batch_size) // n_devices)})")
+
+
 Subjects = int | Sequence[int] | str | None
 
 
@@ -287,18 +295,8 @@ class BERG:
         if batch_size is None:
             per_call = DEFAULT_BATCH.get(platform, 8) * (1 if platform == "cpu" else len(devices))
             batch_size = -(-per_call // len(devices)) * len(devices)
-        elif int(batch_size) < 1 or int(batch_size) % len(devices):
-            raise InvalidParameterError(
-                f"batch_size={batch_size} must be a positive multiple of the {len(devices)} devices "
-                f"it is split over (e.g. {len(devices) * max(1, int(batch_size) // len(devices))})")
-        if not head.is_converted(self.berg_dir) or not all(head.is_converted(self.berg_dir, s) for s in subjects):
-            print(f"berg-jax: converting BERG's files in {self.berg_dir} "
-                  f"(once; later loads read the converted copy)")
-            head.convert_projection(self.berg_dir)
-            k = head.converted_components(self.berg_dir)
-            for s in subjects:
-                if not head.is_converted(self.berg_dir, s):
-                    head.convert_subject(self.berg_dir, s, k)
+        check_batch_size(batch_size, len(devices))
+        head.ensure_converted(self.berg_dir, subjects)
         s3d_path = self._s3d_path()
         mesh = Mesh(np.array(devices), ("batch",)) if len(devices) > 1 else None
         placement = devices[0] if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated
@@ -398,8 +396,7 @@ def load_heads(
     subjects = parse_subjects(subject)
     if not subjects:
         raise InvalidParameterError("a subject is needed (1..10, a list of them, or 'all')")
-    if not head.is_converted(berg.berg_dir) or not all(head.is_converted(berg.berg_dir, s) for s in subjects):
-        head.convert_berg_dir(berg.berg_dir, list(subjects))
+    head.ensure_converted(berg.berg_dir, subjects)
     voxels = berg._selections(subjects, selection)
     dev = resolve_device(device)
     return {s: jax.device_put(head.load_regression(berg.berg_dir, s, voxels[s]), dev) for s in subjects}

@@ -75,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write OUT/components.npy ((n, K) float32, 400 bytes a video), from which "
                         "`berg-jax responses` computes any subject's responses later; without "
                         "--subject, write only the components")
-    sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--roi", metavar="NAME", help="only this ROI's voxels (e.g. lFFA; `berg-jax info "
-                                                   "--subject N` lists them)")
-    sel.add_argument("--voxels", metavar="MASK.npy", help="only the voxels of a binary mask of length N_s (.npy)")
+    _add_selection_args(p)
     p.add_argument("--out", required=True, metavar="OUT", help="output folder (created; resumed if it holds this job)")
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="videos per call, split over all local devices (default 8 on CPU, 32 per GPU/TPU)")
@@ -107,9 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("components", metavar="COMPONENTS.npy", help="float32 (n, K), as encode --components writes")
     p.add_argument("--berg-dir", required=True, metavar="DIR", help="the BERG files the components were made with")
     p.add_argument("--subject", required=True, metavar="N", help="subject 1..10, several (1,2,3), or all")
-    sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--roi", metavar="NAME", help="only this ROI's voxels")
-    sel.add_argument("--voxels", metavar="MASK.npy", help="only the voxels of a binary mask of length N_s")
+    _add_selection_args(p)
     p.add_argument("--out", required=True, metavar="OUT", help="output folder (created)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -167,10 +162,15 @@ def _default_decode_threads() -> int:
     return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _add_model_args(p: argparse.ArgumentParser, subject_help: str = "BMD subject 1..10") -> None:
+def _add_model_args(p: argparse.ArgumentParser, subject_help: str = "BMD subject 1..10",
+                    one_subject: bool = False) -> None:
+    """--berg-dir, --subject, --s3d-weights, --device; `one_subject`: --subject is one required int."""
     p.add_argument("--berg-dir", required=True, metavar="DIR",
                    help="local copy of BERG's files (`berg-jax fetch --berg-dir DIR --subjects N`)")
-    p.add_argument("--subject", metavar="N", help=subject_help)
+    if one_subject:
+        p.add_argument("--subject", required=True, type=int, metavar="N", help=subject_help)
+    else:
+        p.add_argument("--subject", metavar="N", help=subject_help)
     p.add_argument("--s3d-weights", metavar="PTH",
                    help="torchvision's s3d-d76dad2f.pth or a converted checkpoint "
                         "(default: $TORCH_HOME/hub/checkpoints/s3d-d76dad2f.pth)")
@@ -234,6 +234,23 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary["n_failed"] else EXIT_OK
 
 
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    """--roi NAME | --voxels MASK.npy, read back by `selection_from_args`."""
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--roi", metavar="NAME", help="only this ROI's voxels (e.g. lFFA; `berg-jax info "
+                                                   "--subject N` lists them)")
+    sel.add_argument("--voxels", metavar="MASK.npy", help="only the voxels of a binary mask of length N_s (.npy)")
+
+
+def selection_from_args(args: argparse.Namespace) -> dict | None:
+    """--roi / --voxels -> BERG's selection dict (None: whole brain)."""
+    if args.roi is not None:
+        return {"roi": args.roi}
+    if args.voxels is not None:
+        return {"voxels": _load_voxel_mask(args.voxels)}
+    return None
+
+
 def _load_voxel_mask(path: str) -> Any:
     import numpy as np
 
@@ -283,11 +300,7 @@ def run_encode(args: argparse.Namespace) -> dict:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.decode_threads < 1:
         raise UsageError(f"--decode-threads must be at least 1, got {args.decode_threads}")
-    selection = None
-    if args.roi is not None:
-        selection = {"roi": args.roi}
-    elif args.voxels is not None:
-        selection = {"voxels": _load_voxel_mask(args.voxels)}
+    selection = selection_from_args(args)
     out = args.out
     if shard is not None:  # this process's contiguous block of the inputs, into its own OUT
         paths, out = distributed.shard_inputs(paths, out, shard)
@@ -354,7 +367,7 @@ def cmd_responses(args: argparse.Namespace) -> int:
     from berg_jax.pipeline import responses_from_components_file
 
     subject = parse_subject_arg(args.subject)
-    selection = {"roi": args.roi} if args.roi else {"voxels": _load_voxel_mask(args.voxels)} if args.voxels else None
+    selection = selection_from_args(args)
     t0 = time.perf_counter()
     written = responses_from_components_file(args.components, args.berg_dir, subject, args.out,
                                              selection=selection, device=args.device,

@@ -24,19 +24,14 @@ FPS = 24
 
 def add_optimize_parser(subparsers: Any) -> None:
     """Register `optimize` on an argparse sub-parsers object (`set_defaults(func=cmd_optimize)`)."""
+    from berg_jax.cli import _add_model_args  # cli imports this module only inside build_parser
     p = subparsers.add_parser(
         "optimize", help="optimise a video that drives an ROI (or matches a response pattern)",
         description="Gradient ascent on a video's pixels (projected Adam, pixels kept in 0..1) to "
                     "maximise the mean modelled response of --roi, or mean(--roi) - mean(--minus-roi), "
                     "or to match a --target response pattern over --roi's voxels. OUT gets clip.mp4, "
                     "clip.npy (float32 (14, H, W, 3), 0..1) and trajectory.csv (step,objective).")
-    p.add_argument("--berg-dir", required=True, metavar="DIR",
-                   help="local copy of BERG's files (`berg-jax fetch --berg-dir DIR --subjects N`)")
-    p.add_argument("--subject", required=True, type=int, metavar="N", help="BMD subject 1..10")
-    p.add_argument("--s3d-weights", metavar="PTH",
-                   help="torchvision's s3d-d76dad2f.pth or a converted checkpoint "
-                        "(default: $TORCH_HOME/hub/checkpoints/s3d-d76dad2f.pth)")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
+    _add_model_args(p, one_subject=True)
     p.add_argument("--roi", required=True, metavar="NAME",
                    help="the ROI to drive (e.g. lFFA; `berg-jax info --subject N` lists them)")
     goal = p.add_mutually_exclusive_group()

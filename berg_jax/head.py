@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,15 @@ def convert_subject(berg_dir: str | os.PathLike, subject: int, n_components: int
 def available_subjects(berg_dir: str | os.PathLike) -> list[int]:
     """Subjects whose weights file is present in berg_dir."""
     return [s for s in berg_files.SUBJECTS if berg_files.subject_weights_path(berg_dir, s).is_file()]
+
+
+def ensure_converted(berg_dir: str | os.PathLike, subjects: Sequence[int] = ()) -> bool:
+    """Convert the projection and `subjects`' heads where no current copy exists; True if any was converted."""
+    if is_converted(berg_dir) and all(is_converted(berg_dir, s) for s in subjects):
+        return False
+    print(f"berg-jax: converting BERG's files in {berg_dir} (once; later loads read the converted copy)")
+    convert_berg_dir(berg_dir, list(subjects))
+    return True
 
 
 def convert_berg_dir(berg_dir: str | os.PathLike, subjects: list[int] | None = None, force: bool = False) -> Path:

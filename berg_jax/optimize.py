@@ -62,13 +62,6 @@ def _check_single_subject(model: Any, what: str) -> int:
     return int(subject)
 
 
-def _model_voxels(model: Any) -> np.ndarray | None:
-    voxels = model.voxels
-    if isinstance(voxels, dict):  # a several-subject model; _check_single_subject catches it first
-        voxels = voxels[model.subject]
-    return None if voxels is None else np.asarray(voxels, dtype=np.int64)
-
-
 def roi_columns(model: Any, roi: str) -> np.ndarray:
     """Positions of ROI `roi`'s voxels among `model`'s output columns.
 
@@ -82,9 +75,10 @@ def roi_columns(model: Any, roi: str) -> np.ndarray:
     subject = _check_single_subject(model, f"ROI {roi!r}")
     metadata = berg_files.load_metadata(model.berg_dir, subject)
     wanted = berg_files.roi_voxel_indices(metadata, roi)
-    voxels = _model_voxels(model)
+    voxels = model.voxels_of(subject)
     if voxels is None:  # whole brain: output column j is voxel j
         return wanted
+    voxels = np.asarray(voxels, dtype=np.int64)
     # The selection may be in any order (an ROI selection keeps the ROI's stored order).
     order = np.argsort(voxels, kind="stable")
     pos = np.minimum(np.searchsorted(voxels[order], wanted), len(voxels) - 1)

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from berg_jax import outputs
-from berg_jax.api import EncodingModel
+from berg_jax.api import EncodingModel, check_batch_size
 from berg_jax.berg_files import N_VOXELS
 from berg_jax.fused import flat_outputs, run_batches
 from berg_jax.errors import InvalidParameterError
@@ -67,15 +67,18 @@ def _selection_config(model: EncodingModel) -> Any:
             "voxels_count": int(len(model.voxels_of(subject)))}
 
 
+def responses_file(subject: int, one_subject: bool) -> str:
+    """`responses.npy` for a one-subject job (BERG's case), `responses_sub-SS.npy` among several."""
+    return outputs.RESPONSES_FILE if one_subject else f"responses_sub-{subject:02d}.npy"
+
+
 def output_files(model: EncodingModel) -> dict[int | str, str]:
     """Each of the model's outputs -> its file in OUT.
 
     BERG's case (one subject) writes `responses.npy`; several subjects write
     `responses_sub-SS.npy` each; components go to `components.npy`.
     """
-    files: dict[int | str, str] = {}
-    for s in model.subjects:
-        files[s] = outputs.RESPONSES_FILE if isinstance(model.subject, int) else f"responses_sub-{s:02d}.npy"
+    files: dict[int | str, str] = {s: responses_file(s, isinstance(model.subject, int)) for s in model.subjects}
     if model.with_components:
         files["components"] = outputs.COMPONENTS_FILE
     return files
@@ -228,11 +231,8 @@ def encode_files(
         if int(batch_size) < 1:
             raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}")
         model = dataclasses.replace(model, batch_size=int(batch_size))
-    if model.batch_size % max(len(model.devices), 1):
-        # Checked here, not per batch: a batch the devices can't split would fail every video.
-        raise InvalidParameterError(
-            f"batch_size {model.batch_size} must be a multiple of the {len(model.devices)} devices "
-            f"it is split over (e.g. {len(model.devices) * max(1, model.batch_size // len(model.devices))})")
+    # Checked here, not per batch: a batch the devices can't split would fail every video.
+    check_batch_size(model.batch_size, max(len(model.devices), 1))
     if decode_threads < 1:
         raise InvalidParameterError(f"decode_threads must be >= 1, got {decode_threads}")
     bs = model.batch_size
@@ -473,7 +473,7 @@ def responses_from_components_file(
     bar = tqdm(total=n * len(heads), unit="video", disable=not show_progress, desc="components -> responses",
                dynamic_ncols=True)
     for s, regression in heads.items():
-        target = out / (outputs.RESPONSES_FILE if one else f"responses_sub-{s:02d}.npy")
+        target = out / responses_file(s, one)
         with outputs.atomic_npy(target, (n, regression["coef"].shape[1])) as mm:
             for lo in range(0, n, batch_rows):
                 block = components[lo: lo + batch_rows]
