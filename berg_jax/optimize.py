@@ -258,7 +258,7 @@ def optimize_stimulus(
     def value(params: Any, clip: jax.Array) -> jax.Array:
         out = fn(params, clip[None])
         if isinstance(out, dict):  # a model that also returns components: keep the subject's responses
-            out = out[subject]
+            out = out["responses"][subject]
         v = jnp.asarray(objective(out[0]))
         if v.shape != () or not jnp.issubdtype(v.dtype, jnp.floating):
             raise InvalidParameterError(

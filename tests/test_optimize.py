@@ -246,6 +246,15 @@ def test_optimize_stimulus_raises_the_roi_response(model):
     assert u8.dtype == np.uint8 and np.abs(u8 / 255 - result.clip).max() <= 0.5 / 255 + 1e-7
 
 
+@pytest.mark.slow
+def test_optimize_stimulus_with_a_components_model(berg):
+    """A one-subject model that also returns components: the subject's responses are optimised."""
+    model = berg.get_encoding_model(MODEL, subject=1, selection={"roi": "lFFA"}, components=True)
+    result = optimize_stimulus(model, roi_mean(model, "lFFA"), init=0, steps=1, size=(32, 32),
+                               show_progress=False)
+    assert result.trajectory.shape == (2,) and np.isfinite(result.trajectory).all()
+
+
 # --------------------------------------------------------------------------- CLI
 
 
