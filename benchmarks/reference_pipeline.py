@@ -58,10 +58,11 @@ class ReferencePipeline:
       s3d_weights: the S3D state_dict .pth (torchvision's, or the seeded synthetic one).
       subject: 1..10.
       voxels: indices into the subject's voxels (None = all, as BERG's `range(N_s)`).
+      device: where S3D runs ("cpu", "cuda"), as BERG's `.to(device)`; the head stays in numpy.
     """
 
     def __init__(self, berg_dir: str | Path, s3d_weights: str | Path, subject: int = 1,
-                 voxels: np.ndarray | None = None) -> None:
+                 voxels: np.ndarray | None = None, device: str = "cpu") -> None:
         from berg_jax import berg_files
         from berg_jax.s3d import TAP_NAMES
 
@@ -70,8 +71,9 @@ class ReferencePipeline:
         model = s3d(weights=None)
         model.load_state_dict(torch.load(s3d_weights, map_location="cpu", weights_only=True))
         # BERG: create_feature_extractor(model, return_nodes={...}), .to(device), .eval()
+        self.device = device
         self.extractor = create_feature_extractor(model, return_nodes={name: name for name in TAP_NAMES})
-        self.extractor.eval()
+        self.extractor.to(device).eval()
         self.transform = S3D_Weights.KINETICS400_V1.transforms()
 
         pca = berg_files.load_pca(berg_dir)
@@ -95,7 +97,7 @@ class ReferencePipeline:
 
     def backbone(self, batch) -> np.ndarray:
         """(b, 3, 14, 224, 224) -> (b, F) float32 numpy: the 7 taps flattened channel-first and hstacked."""
-        taps = self.extractor(batch)
+        taps = self.extractor(batch.to(self.device))
         features = self.torch.hstack([self.torch.flatten(t, start_dim=1) for t in taps.values()])
         return features.detach().cpu().numpy()
 
@@ -136,6 +138,34 @@ class ReferencePipeline:
                 t["projection"] += t2 - t1
                 t["regression"] += t3 - t2
         return out
+
+
+class TorchOnDevice:
+    """Plain PyTorch with the head on the device too: S3D, flatten, scaler, PCA and regression
+    as float32 tensors on `device` (what a PyTorch user would write for speed; not BERG's code).
+
+    `encode(clips)` takes clips already preprocessed ((B, 3, 14, 224, 224) float32 on the
+    device) and returns (B, N_s) float32 on the device. `tf32` allows TF32 in cuDNN
+    convolutions and cuBLAS matmuls (off: strict float32, as berg-jax's "highest").
+    """
+
+    def __init__(self, reference: ReferencePipeline, device: str = "cuda", tf32: bool = False) -> None:
+        torch = self.torch = reference.torch
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+        self.extractor = reference.extractor.to(device).eval()
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+        self.mean, self.scale = as_t(reference.mean), as_t(reference.scale)
+        self.components_t = as_t(reference.components).T.contiguous()
+        self.coef_t, self.intercept = as_t(reference.coef).T.contiguous(), as_t(reference.intercept)
+
+    def encode(self, clips):
+        with self.torch.no_grad():
+            taps = self.extractor(clips)
+            features = self.torch.hstack([self.torch.flatten(t, start_dim=1) for t in taps.values()])
+            components = ((features - self.mean) / self.scale) @ self.components_t
+            return components @ self.coef_t + self.intercept
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -24,10 +24,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from berg_jax import berg_files, head
-from berg_jax.fused import EncodingParams, encode_frames, encode_outputs, flat_outputs, run_batches
+from berg_jax import precision as precisions
+from berg_jax import feed
+from berg_jax.fused import EncodingParams, encode_frames, encode_outputs, flat_outputs
 from berg_jax.errors import BERGError, InvalidParameterError, ModelLoadError
 from berg_jax.fetch import default_s3d_weights_path
-from berg_jax.preprocess import validate_stimulus
+from berg_jax.preprocess import check_stimulus
 from berg_jax.weights import S3D_URL, load_s3d
 
 DEVICES = ("auto", "cpu", "gpu", "tpu")
@@ -107,7 +109,7 @@ class EncodingModel:
     n_voxels: int | dict[int, int]
     params: EncodingParams
     device: jax.Device
-    precision: Any
+    precision: str  # "highest" | "tf32" | "bf16" (`berg_jax.precision`); params are stored for it
     conv_impl: str
     batch_size: int
     berg_dir: Path
@@ -158,23 +160,46 @@ class EncodingModel:
             return self.params._replace(regression={self.subject: self.params.regression})
         return self.params
 
-    def encode_fn(self) -> Callable[[np.ndarray], dict[str, Any]]:
-        """frames (batch_size, 14, H, W, 3) -> `encode_outputs`' result on the device(s), not yet copied back."""
-        params = self.dict_params()
+    @property
+    def placement(self) -> jax.Device | NamedSharding:
+        """Where a batch of frames goes: the device, or split along the video axis over the mesh."""
         mesh = self.mesh
-        target = self.device if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
+        return self.device if mesh is None else NamedSharding(mesh, PartitionSpec("batch"))
 
-        def fn(frames: np.ndarray) -> dict[str, Any]:
-            if frames.shape[0] % max(len(self.devices), 1):
-                raise InvalidParameterError(
-                    f"a batch of {frames.shape[0]} videos cannot be split over {len(self.devices)} devices; "
-                    f"use a batch size that is a multiple of {len(self.devices)}")
-            # S3D one video at a time only pays from batch 8 up (measured: at 2-4 the whole
-            # batch is faster), and never when the batch is split over devices.
-            chunk = self.backbone_chunk if frames.shape[0] >= 8 and mesh is None else None
-            return encode_outputs(params, jax.device_put(frames, target), precision=self.precision,
-                                  conv_impl=self.conv_impl, backbone_chunk=chunk,
-                                  with_components=self.with_components)
+    def put(self, frames: Any) -> jax.Array:
+        """(B, 14, ...) frames, host or device -> on the model's device(s); B must split over them."""
+        n_dev = max(len(self.devices), 1)
+        if frames.shape[0] % n_dev:
+            raise InvalidParameterError(
+                f"a batch of {frames.shape[0]} videos cannot be split over {n_dev} devices; "
+                f"use a batch size that is a multiple of {n_dev}")
+        return feed.put(frames, self.placement)
+
+    def backbone_chunk_for(self, size: int) -> int | None:
+        """S3D's videos per call inside a batch of `size`: one at a time only pays from
+        batch 8 up (measured on CPU: at 2-4 the whole batch is faster), and never when the
+        batch is split over devices."""
+        return self.backbone_chunk if size >= 8 and self.mesh is None else None
+
+    def call_size(self, n: int, batch_size: int | None = None) -> int:
+        """The compiled batch a group of n videos runs as (`feed.call_size`): a tail batch costs its own size."""
+        bs = int(batch_size or self.batch_size)
+        return feed.call_size(n, bs, max(len(self.devices), 1), skips_padding=self.backbone_chunk_for(bs) is not None)
+
+    def encode_fn(self, channels_first: bool = False,
+                  frame_indices: tuple[int, ...] | None = None) -> Callable[..., dict[str, Any]]:
+        """`fn(frames, n_valid=None)`: (B, 14, H, W, 3) frames -- (B, T, 3, H, W) with
+        `channels_first`, T frames of which `frame_indices` are kept -- host or device ->
+        `encode_outputs`' result on the device(s), not yet copied back. Rows from `n_valid`
+        (an int32 scalar) on are padding."""
+        params = self.dict_params()
+
+        def fn(frames: Any, n_valid: Any = None) -> dict[str, Any]:
+            frames = self.put(frames)
+            return encode_outputs(params, frames, precision=self.precision, conv_impl=self.conv_impl,
+                                  backbone_chunk=self.backbone_chunk_for(frames.shape[0]),
+                                  with_components=self.with_components, n_valid=n_valid,
+                                  channels_first=channels_first, frame_indices=frame_indices)
         return fn
 
 
@@ -272,8 +297,14 @@ class BERG:
             several subjects, each subject's own voxels of that ROI), or {"voxels": binary
             vector of length N_s} (one subject only); "roi" wins when both are given.
           device: "auto" | "cpu" | "gpu" | "tpu".
-          precision: matmul/conv precision; "highest" (default) gives float32 parity on
-            GPU/TPU, None is faster there (TF32/bf16 passes).
+          precision: "highest" (default: float32 throughout, BERG parity), "tf32" (float32
+            storage, convs and matmuls at lax's DEFAULT precision: TF32 on NVIDIA tensor
+            cores, one bf16 pass on TPU; on CPU the same as "highest") or "bf16" (S3D and the
+            projection in bfloat16 with float32 accumulation, weights cast once here; the
+            fastest on GPUs/TPUs, slower on CPU); responses are float32 in every mode. `python
+            -m benchmarks.precision` measures the deviation. Also accepted, as before:
+            `jax.lax.Precision.HIGHEST` ("highest"), None or `jax.lax.Precision.DEFAULT` ("tf32");
+            `model.precision` holds the name.
           batch_size: videos per call over all devices (default 8 on CPU, 32 per GPU/TPU);
             must be a multiple of the device count.
           components: also return the K projected components ("components" in `encode`'s
@@ -283,6 +314,7 @@ class BERG:
         The first call on a berg_dir converts BERG's files to a berg-jax copy (once).
         """
         self._check_model_id(model_id)
+        precision = precisions.normalize(precision)
         subjects = parse_subjects(subject)
         if not subjects and not components:
             raise InvalidParameterError("subject=None loads no head: pass a subject, or components=True")
@@ -302,9 +334,14 @@ class BERG:
         placement = devices[0] if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated
         where = tuple(str(d) for d in devices)
         # S3D and the 1.6 GB projection are shared by every subject and selection: loaded
-        # once per set of devices, not once per model.
-        s3d = self._on_devices(("s3d", str(s3d_path), *where), lambda: load_s3d(s3d_path), placement)
-        projection = self._on_devices(("projection", *where), lambda: head.load_projection(self.berg_dir), placement)
+        # once per set of devices (and storage dtype: "bf16" keeps a bfloat16 copy, cast on
+        # the host before it is put on the device), not once per model.
+        stored = "bfloat16" if precisions.resolve(precision).compute_dtype is not None else "float32"
+        s3d = self._on_devices(("s3d", str(s3d_path), stored, *where),
+                               lambda: precisions.cast_s3d(load_s3d(s3d_path), precision), placement)
+        projection = self._on_devices(
+            ("projection", stored, *where),
+            lambda: precisions.cast_projection(head.load_projection(self.berg_dir), precision), placement)
         regressions = {s: jax.device_put(head.load_regression(self.berg_dir, s, voxels[s]), placement)
                        for s in subjects}
         n_voxels = {s: berg_files.N_VOXELS[s] if voxels[s] is None else len(voxels[s]) for s in subjects}
@@ -347,7 +384,7 @@ class BERG:
           float32 (B, K)}. With return_metadata, also BERG's metadata dict (for a dict
           result, a dict of them keyed by subject).
         """
-        clips, info = validate_stimulus(stimulus, pad_short=pad_short)
+        source, info = check_stimulus(stimulus, pad_short=pad_short)
         columns = model.output_columns
         out = {name: np.empty((info.n_videos, width), dtype=np.float32) for name, width in columns.items()}
         n_dev = max(len(model.devices), 1)
@@ -355,15 +392,24 @@ class BERG:
         # (rounded up to split evenly over the devices).
         bs = min(model.batch_size, 1 << max(info.n_videos - 1, 0).bit_length())
         bs = -(-bs // n_dev) * n_dev
-        batches = ((lo, np.asarray(clips[lo: lo + bs])) for lo in range(0, info.n_videos, bs))
+        # Contiguous slices in the caller's layout, never transposed on the host: the channel
+        # move (and, for T up to 2 x 14, the frame sampling) happens on the device.
+        frame_indices = feed.device_frame_indices(source, info, model.device.platform)
+        batches = ((lo, feed.sample_batch(source, info, lo, lo + bs, frame_indices is not None))
+                   for lo in range(0, info.n_videos, bs))
         progress = _progress(info.n_videos, show_progress, desc=f"encoding {model.label}")
-        for lo, result in run_batches(model.encode_fn(), batches, bs):
-            n = 0
-            for name, rows in flat_outputs(result).items():
-                out[name][lo: lo + len(rows)] = rows
-                n = len(rows)
-            progress.update(n)
-        progress.close()
+        fn = model.encode_fn(channels_first=info.channels_first, frame_indices=frame_indices)
+        try:
+            for lo, result in feed.run_batches(fn, batches, lambda n: model.call_size(n, bs), model.put):
+                n = 0
+                for name, rows in flat_outputs(result).items():
+                    out[name][lo: lo + len(rows)] = rows
+                    n = len(rows)
+                progress.update(n)
+        except feed.BatchFailed as exc:
+            raise exc.cause  # BERG.encode has no per-batch recovery: the model's own error
+        finally:
+            progress.close()
         result = out if model.returns_dict else out[model.subject]
         if return_metadata:
             if model.returns_dict:
@@ -404,6 +450,7 @@ def load_heads(
 
 def apply_head(components: Any, regression: Any, precision: Any = "highest") -> np.ndarray:
     """(n, K) float32 components -> (n, N_sel) float32 responses: the encoder's own regression."""
+    precision = precisions.normalize(precision)
     comps = np.asarray(components, dtype=np.float32)
     k = regression["coef"].shape[0]
     if comps.ndim != 2 or comps.shape[1] != k:
@@ -438,9 +485,13 @@ def responses_from_components(
       components: float32 (n, K), e.g. `np.load("OUT/components.npy", mmap_mode="r")`
         (read `batch_rows` rows at a time). NaN rows (failed videos) give NaN rows.
       berg_dir, subject, selection, device: as in `BERG.get_encoding_model`.
+      precision: the regression's: "highest" (default; also what "bf16" encodes use, so
+        their components give their responses), "tf32" (a "tf32" encode's), or "bf16" (the
+        same as "highest": the regression is float32 in every mode).
     Returns:
       float32 (n, n_voxels) for one subject; {subject: array} for a list or "all".
     """
+    precision = precisions.normalize(precision)
     heads = load_heads(berg_dir, subject, selection, device)
     n = len(components)
     out = {}

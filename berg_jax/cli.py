@@ -3,6 +3,7 @@
     berg-jax encode VIDEO_OR_FOLDER... --berg-dir DIR --subject N|N,N,...|all [--components]
                     [--roi NAME | --voxels MASK.npy] --out OUT [--batch-size B] [--nifti]
                     [--pad-short] [--plot] [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
+                    [--precision highest|tf32|bf16]
                     [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
     berg-jax merge OUT                      (after `encode --distributed`)
     berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N|N,N,...|all --out OUT
@@ -86,8 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat the last frame of videos shorter than 14 frames instead of failing them")
     p.add_argument("--plot", action="store_true",
                    help="also draw one glass-brain PNG per video into OUT/plots/ (needs berg-jax[plot])")
+    from berg_jax.decode_workers import default_decode_workers
+
+    p.add_argument("--decode-workers", type=int, default=default_decode_workers(), metavar="N",
+                   help="video decoding worker processes, working ahead of the device; 0: decode in "
+                        "--decode-threads threads of this process instead (default: the usable CPU "
+                        f"cores less 2, at least 1; here {default_decode_workers()})")
     p.add_argument("--decode-threads", type=int, default=_default_decode_threads(), metavar="N",
-                   help="video decoding threads, working ahead of the device "
+                   help="video decoding threads with --decode-workers 0 "
                         f"(default: half the CPU cores, 2..8; here {_default_decode_threads()})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     distributed.add_distributed_args(p)
@@ -164,7 +171,7 @@ def _default_decode_threads() -> int:
 
 def _add_model_args(p: argparse.ArgumentParser, subject_help: str = "BMD subject 1..10",
                     one_subject: bool = False) -> None:
-    """--berg-dir, --subject, --s3d-weights, --device; `one_subject`: --subject is one required int."""
+    """--berg-dir, --subject, --s3d-weights, --device, --precision; `one_subject`: --subject is one required int."""
     p.add_argument("--berg-dir", required=True, metavar="DIR",
                    help="local copy of BERG's files (`berg-jax fetch --berg-dir DIR --subjects N`)")
     if one_subject:
@@ -175,6 +182,12 @@ def _add_model_args(p: argparse.ArgumentParser, subject_help: str = "BMD subject
                    help="torchvision's s3d-d76dad2f.pth or a converted checkpoint "
                         "(default: $TORCH_HOME/hub/checkpoints/s3d-d76dad2f.pth)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
+    p.add_argument("--precision", choices=("highest", "tf32", "bf16"), default="highest",
+                   help="highest (default): float32 throughout, BERG's numbers; tf32: float32 with "
+                        "TF32 / one-pass bf16 convolutions and matmuls on GPU/TPU (on CPU the same as "
+                        "highest); bf16: S3D and the projection in bfloat16 with float32 "
+                        "accumulation, the fastest on GPU/TPU (slower on CPU). Responses are "
+                        "float32 in every mode")
 
 
 # --------------------------------------------------------------------------- main
@@ -187,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from berg_jax.errors import BERGError, DownloadError
     from berg_jax.outputs import OutputDirError
 
+    fit_gpu_memory_pool()
     enable_compilation_cache()
     try:
         return args.func(args)
@@ -203,6 +217,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         # input and the fix (the library's errors are written that way).
         _error(args.command, exc)
         return EXIT_USAGE
+
+
+# JAX reserves this share of each GPU's total memory when its backend starts.
+_JAX_DEFAULT_MEM_FRACTION = 0.75
+
+
+def fit_gpu_memory_pool(query: Sequence[str] = ("nvidia-smi", "--query-gpu=memory.total,memory.free",
+                                                "--format=csv,noheader,nounits")) -> float | None:
+    """Size JAX's GPU memory pool to what is free, when another process already holds some.
+
+    JAX reserves 75% of a GPU's *total* memory at start. When another process holds part of
+    it (a notebook, a second job, a process still exiting), the reservation fails and XLA
+    logs "Failed to allocate device memory of 59.38GiB ... CUDA_ERROR_OUT_OF_MEMORY" once per
+    retry, each 10% smaller, until one fits: the run is fine, the screen says otherwise
+    (measured on an H100: 310 such lines when started right after another GPU process
+    exited, none on an idle GPU). Asking for 90% of the free memory up front fits at once.
+
+    Only the command line does this, and only when the user has not chosen
+    (XLA_PYTHON_CLIENT_MEM_FRACTION / _PREALLOCATE / _ALLOCATOR unset) and nvidia-smi exists.
+    Returns the fraction set, or None.
+    """
+    if any(k in os.environ for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+                                     "XLA_PYTHON_CLIENT_ALLOCATOR")) or shutil.which(query[0]) is None:
+        return None
+    import subprocess
+
+    try:
+        text = subprocess.run(list(query), capture_output=True, text=True, timeout=20, check=True).stdout
+        rows = [tuple(float(v) for v in line.split(",")) for line in text.strip().splitlines()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None  # no usable answer: leave JAX's default
+    free_share = min((free / total for total, free in rows if total > 0), default=1.0)
+    fraction = round(0.9 * free_share, 2)
+    if fraction >= _JAX_DEFAULT_MEM_FRACTION or fraction <= 0:
+        return None
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.2f}"
+    return fraction
 
 
 def enable_compilation_cache() -> None:
@@ -300,6 +351,8 @@ def run_encode(args: argparse.Namespace) -> dict:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.decode_threads < 1:
         raise UsageError(f"--decode-threads must be at least 1, got {args.decode_threads}")
+    if args.decode_workers < 0:
+        raise UsageError(f"--decode-workers must be at least 0 (0: decode in threads), got {args.decode_workers}")
     selection = selection_from_args(args)
     out = args.out
     if shard is not None:  # this process's contiguous block of the inputs, into its own OUT
@@ -307,10 +360,10 @@ def run_encode(args: argparse.Namespace) -> dict:
     berg = BERG(args.berg_dir, s3d_weights=args.s3d_weights)
     model = berg.get_encoding_model("fmri-bmd-s3d", subject=subject, selection=selection,
                                     device=args.device, batch_size=args.batch_size,
-                                    components=args.components)
+                                    components=args.components, precision=args.precision)
     return encode_files(model, paths, out, pad_short=args.pad_short, nifti=args.nifti,
                         plot=args.plot, show_progress=not args.quiet,
-                        decode_threads=args.decode_threads)
+                        decode_threads=args.decode_threads, decode_workers=args.decode_workers)
 
 
 def print_summary(summary: dict) -> None:

@@ -2,7 +2,8 @@
 
     berg-jax optimize --berg-dir DIR --subject N --roi lFFA [--minus-roi B | --target RESP.npy]
                       --out OUT [--steps 50] [--lr 0.05] [--size 112x112] [--seed 0]
-                      [--s3d-weights PTH] [--device auto|cpu|gpu|tpu] [-q]
+                      [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
+                      [--precision highest|tf32|bf16] [-q]
 
 OUT gets clip.mp4 (uint8, 24 fps, lossy: a preview), clip.npy (float32 (14, H, W, 3) in
 0..1: the exact optimised clip), and trajectory.csv (step,objective; step 0 is the
@@ -129,7 +130,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         mask[berg_files.roi_voxel_indices(metadata, args.minus_roi)] = True
         selection = {"voxels": mask}
     model = berg.get_encoding_model(berg_files.MODEL_ID, subject=args.subject, selection=selection,
-                                    device=args.device)
+                                    device=args.device, precision=args.precision)
     if args.target is not None:
         target = _load_target(args.target, len(roi_voxels), roi_voxels, berg_files.N_VOXELS[args.subject])
         objective = match_pattern(target)

@@ -30,6 +30,7 @@ import numpy as np
 
 from berg_jax import berg_files
 from berg_jax.errors import ModelLoadError
+from berg_jax.precision import resolve as resolve_precision
 from berg_jax.s3d import TAP_NAMES, TAP_SHAPES
 
 CONVERTED_DIR = "berg_jax"
@@ -83,7 +84,14 @@ def regression(coef: np.ndarray, intercept: np.ndarray, voxels: np.ndarray | Non
 
 
 def project_taps(taps: dict[str, jax.Array], projection: Projection, precision: Any = None) -> jax.Array:
-    """(B, ...) taps -> (B, K) components, one matmul per tap accumulated (float32 accumulation)."""
+    """(B, ...) taps -> (B, K) components, one matmul per tap accumulated (float32 accumulation).
+
+    `precision` ("highest" | "tf32" | "bf16", `berg_jax.precision`; None is "tf32"): for "bf16"
+    taps and weights are bfloat16 (weights cast once at load time, `precision.cast_projection`;
+    float32 ones are cast here, per call) and each matmul accumulates in float32, as does
+    the sum over taps; the components are float32 in every mode.
+    """
+    pol = resolve_precision(precision)
     batch = next(iter(taps.values())).shape[0]
     # One video is a matrix-vector product, which XLA:CPU runs at ~6.5 GB/s over the 1.6 GB
     # of weights (177 ms); as two identical rows it takes the matrix-matrix kernel (122 ms)
@@ -94,13 +102,17 @@ def project_taps(taps: dict[str, jax.Array], projection: Projection, precision: 
         x = taps[tap].reshape(batch, -1)
         if rows != batch:
             x = jnp.concatenate([x, x])
-        acc = acc + jnp.dot(x, w, precision=precision)
+        if pol.compute_dtype is not None:
+            x, w = x.astype(pol.compute_dtype), w.astype(pol.compute_dtype)
+        acc = acc + jnp.dot(x, w, precision=pol.lax_precision, preferred_element_type=pol.accumulate)
     return acc[:batch]
 
 
 def regress(components: jax.Array, head: Regression, precision: Any = None) -> jax.Array:
-    """(B, K) components -> (B, N_sel) voxel responses."""
-    return jnp.dot(components, head["coef"], precision=precision) + head["intercept"]
+    """(B, K) components -> (B, N_sel) voxel responses, in float32 (float64 under x64) in every
+    mode: `precision`'s `regression_precision` (HIGHEST for "highest" and "bf16")."""
+    pol = resolve_precision(precision)
+    return jnp.dot(components, head["coef"], precision=pol.regression_precision) + head["intercept"]
 
 
 # ---- the converted copy on disk ------------------------------------------------------

@@ -7,10 +7,11 @@
     model = BERG("~/berg").get_encoding_model("fmri-bmd-s3d", subject=1)
     summary = encode_files(model, list_videos(["videos/"]), "out/", nifti=True)
 
-The data path: `video.prefetch_clips` decodes the next batches of files in background
-threads while the device computes the current one; decoded clips are grouped by frame
+The data path: `decode_workers.prefetch_clips` decodes the next batches of files in worker
+processes (`video.prefetch_clips` in threads with decode_workers=0) while the device
+computes the current one; decoded clips are grouped by frame
 size (H, W) -- each distinct size compiles once, the usual dataset has one -- and fed
-through `fused.run_batches`, which pads every call to the model's batch size (so the
+through `feed.run_batches`, which pads every call to the model's batch size (so the
 compiled shape is reused) and dispatches a batch before pulling the previous one's
 result back. Rows go to `outputs.ResponseWriter`, which makes OUT crash-safe and
 resumable; a file that cannot be decoded is recorded (with its reason) and never stops
@@ -37,10 +38,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from berg_jax import outputs
+from berg_jax import feed, outputs
 from berg_jax.api import EncodingModel, check_batch_size
 from berg_jax.berg_files import N_VOXELS
-from berg_jax.fused import flat_outputs, run_batches
+from berg_jax.decode_workers import default_decode_workers
+from berg_jax.decode_workers import prefetch_clips as prefetch_clips_in_processes
+from berg_jax.fused import flat_outputs
 from berg_jax.errors import InvalidParameterError
 from berg_jax.video import prefetch_clips, read_clip
 
@@ -119,6 +122,10 @@ def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
     }
     if model.with_components:
         config["n_components"] = int(model.n_components)
+    if model.precision != "highest":
+        # tf32/bf16 rows differ from highest ones (on accelerators): never mixed in one OUT.
+        # Absent for "highest", so folders written before precision was a choice still resume.
+        config["precision"] = model.precision
     return config
 
 
@@ -132,10 +139,6 @@ def _now() -> str:
 
 
 # --------------------------------------------------------------------------- batching
-
-
-class _DispatchError(Exception):
-    """The encoder raised while dispatching a batch (compile failure, device OOM, ...)."""
 
 
 def _group_by_size(
@@ -189,6 +192,7 @@ def encode_files(
     plot: bool = False,
     show_progress: bool = True,
     decode_threads: int = 2,
+    decode_workers: int | None = None,
 ) -> dict:
     """Encode video files into OUT: responses.npy, manifest.csv, run.json (+ NIfTI, plots).
 
@@ -214,12 +218,15 @@ def encode_files(
       plot: also draw one glass-brain PNG per encoded video into OUT/plots/ (needs the
         `plot` extra; checked before any work starts).
       show_progress: tqdm bar on stderr (videos done, videos/s, ETA; resumed rows count as done).
-      decode_threads: video decoding threads.
+      decode_threads: video decoding threads, where decode_workers is 0.
+      decode_workers: video decoding worker processes (`decode_workers.prefetch_clips`);
+        default `decode_workers.default_decode_workers()` (the usable cores less 2, at
+        least 1); 0 decodes in decode_threads threads of this process instead.
     Returns:
       run.json's content plus "out_dir", "outputs" ({name: path}) and "failed" ([(path, reason)]).
     Raises:
       outputs.OutputDirError: OUT holds another job, or is in use.
-      InvalidParameterError: no paths, or batch_size / decode_threads < 1.
+      InvalidParameterError: no paths, batch_size / decode_threads < 1, or decode_workers < 0.
       ModelLoadError: nifti/plot and the subject's metadata file is missing.
       plots.PlotDependencyError: plot without nilearn/matplotlib.
     Failures of single videos are never raised: they are recorded in manifest.csv.
@@ -235,6 +242,10 @@ def encode_files(
     check_batch_size(model.batch_size, max(len(model.devices), 1))
     if decode_threads < 1:
         raise InvalidParameterError(f"decode_threads must be >= 1, got {decode_threads}")
+    if decode_workers is None:
+        decode_workers = default_decode_workers()
+    if decode_workers < 0:
+        raise InvalidParameterError(f"decode_workers must be >= 0 (0: threads), got {decode_workers}")
     bs = model.batch_size
     out = Path(out_dir)
 
@@ -256,7 +267,8 @@ def encode_files(
     writer = outputs.ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
                                          job_config(model, pad_short))
     try:
-        stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads)
+        stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads,
+                                decode_workers)
         files = {("responses" if f == outputs.RESPONSES_FILE else f[: -len(".npy")]): out / f
                  for f in names.values()}
         files.update({"manifest": out / outputs.MANIFEST_FILE, "run": out / outputs.RUN_FILE})
@@ -281,6 +293,7 @@ def encode_files(
             "platform": model.device.platform,
             "batch_size": bs,
             "decode_threads": decode_threads,
+            "decode_workers": decode_workers,
             "precision": str(model.precision),
             "outputs": {k: str(v) for k, v in files.items()},
             **stats,
@@ -307,6 +320,7 @@ def _encode_pending(
     pad_short: bool,
     show_progress: bool,
     decode_threads: int,
+    decode_workers: int = 0,
 ) -> dict:
     """Compute every pending row; returns this attempt's counts and timings for run.json."""
     from tqdm.auto import tqdm
@@ -328,37 +342,35 @@ def _encode_pending(
         counts["failed"] += len(errors)
         bar.update(len(errors))
 
-    encode = model.encode_fn()
     names = output_files(model)
 
-    def dispatch(frames: np.ndarray) -> jax.Array:
-        try:
-            return encode(frames)
-        except Exception as exc:  # noqa: BLE001 - attributed to its batch below
-            raise _DispatchError(exc) from exc
-
-    decoded = prefetch_clips(paths, bs, read=read_clip, num_threads=decode_threads,
-                             queue_size=2, skip=skip, pad_short=pad_short)
+    if decode_workers:
+        decoded = prefetch_clips_in_processes(paths, bs, read=read_clip, num_workers=decode_workers,
+                                              queue_size=2, skip=skip, pad_short=pad_short)
+    else:
+        decoded = prefetch_clips(paths, bs, read=read_clip, num_threads=decode_threads,
+                                 queue_size=2, skip=skip, pad_short=pad_short)
     groups = _group_by_size(decoded, bs, record_failures)
-    # Groups handed to run_batches whose rows are not written yet (at most two: the one on
-    # the device and the one being dispatched). When the encoder fails on one, that group's
-    # videos are recorded as failed and the others are fed again, so one video that breaks
-    # the device (e.g. out of memory at a huge frame size) never stops the run.
+    # Groups taken from `groups` whose rows are not written yet (at most three: one being
+    # staged, one on the device, one coming back). When the encoder fails on one, that
+    # group's videos are recorded as failed and the others are fed again, so one video that
+    # breaks the device (e.g. out of memory at a huge frame size) never stops the run.
     in_flight: list[tuple[list[int], np.ndarray]] = []
     retry: list[tuple[list[int], np.ndarray]] = []
 
-    def feed() -> Iterator[tuple[list[int], np.ndarray]]:
+    def feed_groups() -> Iterator[tuple[tuple[list[int], np.ndarray], np.ndarray]]:
         while retry:
             in_flight.append(retry.pop(0))
-            yield in_flight[-1]
+            yield in_flight[-1], in_flight[-1][1]
         for group in groups:
             in_flight.append(group)
-            yield group
+            yield group, group[1]
 
+    encode = model.encode_fn()
     try:
         while True:
             try:
-                for indices, result in run_batches(dispatch, feed(), bs):
+                for (indices, _), result in feed.run_batches(encode, feed_groups(), model.call_size, model.put):
                     writer.write_rows(indices, {names[k]: v for k, v in flat_outputs(result).items()})
                     in_flight.pop(0)
                     counts["ok"] += len(indices)
@@ -366,11 +378,9 @@ def _encode_pending(
                     if first_result_s is None:
                         first_result_s = time.perf_counter() - t0
                 break
-            except (_DispatchError, jax.errors.JaxRuntimeError) as exc:
-                # A dispatch error belongs to the newest group, a runtime error (raised when
-                # a result is pulled back) to the oldest.
-                culprit = in_flight.pop(-1 if isinstance(exc, _DispatchError) else 0)
-                cause = exc.__cause__ if isinstance(exc, _DispatchError) else exc
+            except feed.BatchFailed as exc:
+                culprit = in_flight.pop(next(k for k, g in enumerate(in_flight) if g is exc.key))
+                cause = exc.cause
                 reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
                 record_failures({i: f"{paths[i]}: encoding failed on {model.device.platform}: "
                                     f"{type(cause).__name__}: {reason}" for i in culprit[0]})
@@ -378,7 +388,7 @@ def _encode_pending(
                 in_flight.clear()
     finally:
         groups.close()
-        decoded.close()  # cancels queued decodes, joins the decoding threads
+        decoded.close()  # cancels queued decodes, joins the decoding threads / reaps the workers
         bar.close()
     seconds = time.perf_counter() - t0
     n_run = counts["ok"] + counts["failed"]

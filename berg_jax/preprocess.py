@@ -303,8 +303,12 @@ class StimulusInfo:
     value_range: tuple[float, float] | None
 
 
-def _check_stimulus(videos: Any, pad_short: bool) -> tuple[Any, StimulusInfo]:
-    """`validate_stimulus` without the final move of the channel axis (see there)."""
+def _check_stimulus(videos: Any, pad_short: bool, sample: bool = True) -> tuple[Any, StimulusInfo]:
+    """`validate_stimulus` without the final move of the channel axis (see there).
+
+    With sample=False, uint8 input (which needs no value pass and no conversion) comes back
+    as given, all T frames, uncopied; other dtypes are sampled and converted as always.
+    """
     if isinstance(videos, jax.Array):
         xp: Any = jnp
         arr = videos
@@ -356,7 +360,7 @@ def _check_stimulus(videos: Any, pad_short: bool) -> tuple[Any, StimulusInfo]:
         indices, padded = sample_frame_indices(t), False
 
     # Sample before checking values: most frames of a long video are dropped.
-    clips = arr if t == N_FRAMES else arr[:, indices]
+    clips = arr if t == N_FRAMES or (dtype == np.uint8 and not sample) else arr[:, indices]
     value_range: tuple[float, float] | None = None
     if is_float:
         if not bool(xp.all(xp.isfinite(clips))):
@@ -426,6 +430,19 @@ def validate_stimulus(videos: Any, pad_short: bool = False) -> tuple[Any, Stimul
     if info.channels_first:
         clips = (jnp if isinstance(clips, jax.Array) else np).moveaxis(clips, 2, -1)
     return clips, info
+
+
+def check_stimulus(videos: Any, pad_short: bool = False) -> tuple[Any, StimulusInfo]:
+    """`validate_stimulus`'s checks without its copies, for feeding a device batch by batch.
+
+    Returns:
+      (source, info): `source` is uint8 input as given -- (B, T, 3, H, W) or
+      (B, T, H, W, 3), all T frames, not copied -- or, for other dtypes, the sampled and
+      converted (B, 14, ...) clips in the input's layout. Take batches with `feed.sample_batch`.
+    Raises:
+      StimulusError: as `validate_stimulus`.
+    """
+    return _check_stimulus(videos, pad_short, sample=False)
 
 
 @functools.partial(jax.jit, static_argnames="channels_first")

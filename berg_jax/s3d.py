@@ -15,6 +15,11 @@ inside the inception blocks. XLA:CPU runs true 3-D convolutions slowly, so by de
 each is lowered to the cheaper equivalent op (`conv_impl="2d"`): a 2-D convolution over
 frames for (1, k, k), a 2-D convolution over (time, pixels) for (k, 1, 1), and a matmul for
 1x1x1. `conv_impl="3d"` keeps the literal 3-D form; the tests check that both agree.
+
+`precision` ("highest" | "tf32" | "bf16", see `berg_jax.precision`) sets each convolution's
+`lax.Precision` and, for "bf16", the compute dtype: the clip, the weights and the activations
+in bfloat16, every convolution accumulating in float32 (`preferred_element_type`), the bias
+and ReLU applied in float32 and the result rounded to bfloat16 once.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-Precision = Any  # None | jax.lax.Precision | str
+from berg_jax.precision import resolve as resolve_precision
+
+# "highest" | "tf32" | "bf16" (`berg_jax.precision`); None or a jax.lax.Precision (legacy).
+Precision = Any
 
 # The seven activations BERG's feature extractor returns, in the order they are
 # flattened and concatenated (spec section 5).
@@ -70,6 +78,18 @@ N_CLASSES = 400
 CONV_IMPLS = ("2d", "3d")
 
 
+def pointwise(x: jax.Array, kernel: jax.Array, precision: Precision = None) -> jax.Array:
+    """A 1x1x1 convolution as a matmul over channels: (N, T, H, W, Cin) @ (Cin, Cout).
+
+    As `conv3d`: x's dtype, or float32 accumulation of bfloat16 operands for "bf16".
+    """
+    pol = resolve_precision(precision)
+    if pol.compute_dtype is not None:
+        x, kernel = x.astype(pol.compute_dtype), kernel.astype(pol.compute_dtype)
+    return lax.dot_general(x, kernel, (((4,), (0,)), ((), ())), precision=pol.lax_precision,
+                           preferred_element_type=pol.accumulate)
+
+
 def conv3d(
     x: jax.Array,
     kernel: jax.Array,
@@ -85,37 +105,50 @@ def conv3d(
       kernel: (kT, kH, kW, Cin, Cout).
       stride, padding: per axis (t, h, w); padding is symmetric, never 'SAME' (XLA's SAME
         pads asymmetrically for stride 2, torch does not).
+      precision: "highest" | "tf32" | "bf16" (or a legacy value, `berg_jax.precision`).
       conv_impl: "2d" lowers separable kernels to 2-D convolutions / matmuls; "3d" never does.
     Returns:
-      (N, T', H', W', Cout), same dtype as x.
+      (N, T', H', W', Cout): x's dtype, or the accumulation dtype (float32) for "bf16", where
+      x and the kernel are cast to bfloat16 first (a no-op when they already are).
     """
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    pol = resolve_precision(precision)
+    precision, acc = pol.lax_precision, pol.accumulate
+    if pol.compute_dtype is not None:
+        x, kernel = x.astype(pol.compute_dtype), kernel.astype(pol.compute_dtype)
     kt, kh, kw, cin, cout = kernel.shape
     st, sh, sw = stride
     pt, ph, pw = padding
     n, t, h, w, _ = x.shape
     if conv_impl == "2d":
         if (kt, kh, kw, st, sh, sw, pt, ph, pw) == (1, 1, 1, 1, 1, 1, 0, 0, 0):
-            return lax.dot_general(x, kernel[0, 0, 0], (((4,), (0,)), ((), ())), precision=precision)
+            return pointwise(x, kernel[0, 0, 0], pol.name)
         if kt == 1 and st == 1 and pt == 0:
             # (1, k, k): every frame is an independent 2-D image.
             y = lax.conv_general_dilated(
                 x.reshape(n * t, h, w, cin), kernel[0], (sh, sw), ((ph, ph), (pw, pw)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, preferred_element_type=acc,
             )
             return y.reshape(n, t, *y.shape[1:])
         if kh == kw == 1 and sh == sw == 1 and ph == pw == 0:
             # (k, 1, 1): a 2-D convolution over (time, pixel) with a k x 1 kernel.
             y = lax.conv_general_dilated(
                 x.reshape(n, t, h * w, cin), kernel[:, 0], (st, 1), ((pt, pt), (0, 0)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, preferred_element_type=acc,
             )
             return y.reshape(n, y.shape[1], h, w, cout)
     return lax.conv_general_dilated(
         x, kernel, tuple(stride), tuple((p, p) for p in padding),
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision, preferred_element_type=acc,
     )
+
+
+def bias_relu(y: jax.Array, bias: jax.Array, precision: Precision = None) -> jax.Array:
+    """ReLU(y + bias), in y's dtype (the accumulator), then rounded to the compute dtype ("bf16")."""
+    out = nn.relu(y + bias)
+    dtype = resolve_precision(precision).compute_dtype
+    return out if dtype is None else out.astype(dtype)
 
 
 def max_pool3d(x: jax.Array, window: Sequence[int], stride: Sequence[int], padding: Sequence[int]) -> jax.Array:
@@ -158,7 +191,7 @@ class Unit(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
         y = conv3d(x, kernel, self.stride, self.padding, self.precision, self.conv_impl)
-        return nn.relu(y + bias)
+        return bias_relu(y, bias, self.precision)
 
 
 class TemporalSeparableConv(nn.Module):
@@ -205,11 +238,11 @@ class SepInceptionBlock3D(nn.Module):
         if self.conv_impl == "2d":
             kernel = jnp.concatenate([u["kernel"][0, 0, 0] for u in units], axis=-1)
             bias = jnp.concatenate([u["bias"] for u in units])
-            y = nn.relu(lax.dot_general(x, kernel, (((4,), (0,)), ((), ())), precision=self.precision) + bias)
+            y = bias_relu(pointwise(x, kernel, self.precision), bias, self.precision)
             x0, m1, m2 = jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
         else:
-            x0, m1, m2 = (nn.relu(conv3d(x, u["kernel"], (1, 1, 1), (0, 0, 0), self.precision, "3d") + u["bias"])
-                          for u in units)
+            x0, m1, m2 = (bias_relu(conv3d(x, u["kernel"], (1, 1, 1), (0, 0, 0), self.precision, "3d"), u["bias"],
+                                    self.precision) for u in units)
         x1 = sep3(self.b1, "branch1_1")(m1)
         x2 = sep3(self.b2, "branch2_1")(m2)
         pooled = max_pool3d(x, (3, 3, 3), (1, 1, 1), (1, 1, 1))
@@ -235,7 +268,7 @@ class Classifier(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (1, 1, 1, x.shape[-1], self.classes), x.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.classes,), x.dtype)
-        y = lax.dot_general(x, kernel[0, 0, 0], (((4,), (0,)), ((), ())), precision=self.precision) + bias
+        y = pointwise(x, kernel[0, 0, 0], self.precision) + bias
         return jnp.mean(y, axis=(1, 2, 3))
 
 
@@ -243,8 +276,10 @@ class S3D(nn.Module):
     """torchvision's `s3d` (Kinetics-400) as a Flax module.
 
     Attributes:
-      precision: convolution/matmul precision; use `jax.lax.Precision.HIGHEST` for parity
-        on GPU/TPU, where the default float32 precision is TF32/bf16.
+      precision: "highest" (float32 parity on GPU/TPU), "tf32" (float32, fewer passes on
+        GPU/TPU; None means this, as lax's default) or "bf16" (bfloat16 weights and
+        activations, float32 accumulation; the taps come out bfloat16); see
+        `berg_jax.precision`.
       conv_impl: "2d" (fast lowering of separable convolutions) or "3d" (literal).
       with_logits: also compute the Kinetics-400 logits (N, 400) under key "logits".
 
@@ -259,6 +294,9 @@ class S3D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         p, impl = self.precision, self.conv_impl
+        dtype = resolve_precision(p).compute_dtype
+        if dtype is not None:  # "bf16": the float32 preprocessed clip is rounded once, here
+            x = x.astype(dtype)
         inception = lambda i: SepInceptionBlock3D(*INCEPTION_BLOCKS[i][1:], p, impl, name=f"features_{i}")
         taps: dict[str, jax.Array] = {}
         x = TemporalSeparableConv(64, 7, 2, 3, p, impl, name="features_0")(x)
@@ -297,10 +335,12 @@ def extract_taps(
     Args:
       params: folded S3D params (`berg_jax.load_s3d`).
       clips: preprocessed clips (B, 14, 224, 224, 3) float32 (`berg_jax.preprocess`).
-      precision: `jax.lax.Precision.HIGHEST` for float32 parity on GPU/TPU.
+      precision: "highest" for float32 parity on GPU/TPU, "tf32" or "bf16" (`berg_jax.precision`);
+        None (lax's default) is "tf32".
       conv_impl: "2d" (fast, default) or "3d" (literal 3-D convolutions).
       with_logits: also return the Kinetics-400 logits (B, 400) as "logits".
     Returns:
-      {tap name: (B, T, H, W, C)} in `TAP_NAMES`, channels-last, the clips' dtype.
+      {tap name: (B, T, H, W, C)} in `TAP_NAMES`, channels-last, the clips' dtype (bfloat16
+      for "bf16"; the logits are float32 there).
     """
     return S3D(precision, conv_impl, with_logits).apply({"params": params}, clips)

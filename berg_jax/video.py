@@ -6,19 +6,38 @@ indices (`sample_frame_indices`). Two backends sit behind one function signature
 * decord (`_read_decord`): what BERG uses; `get_batch` at the sampled indices.
 * PyAV (`_read_pyav`): sequential decode counting the frames that really decode; the
   fallback where decord has no wheel, and the rescue path for files decord fails on
-  (more packets than decodable frames, corrupt packets, GIF) or silently misreads
-  (reordered keyframes, see `_scan_packets`).
+  (more packets than decodable frames, corrupt packets) or reads otherwise than PyAV.
 
-The two agree bit for bit wherever both work (same FFmpeg colour conversion).
+The frames are the ones FFmpeg gives through PyAV (`frame.to_ndarray(format="rgb24")`,
+the conversion of torchvision's `read_video`, which BERG's training used). decord 0.6.0
+carries its own FFmpeg 4.1; measured on real encoder outputs (`_decord_differs` has the
+table, `python -m weights_convert.video_kinds` remeasures it) its frames equal PyAV's
+bit for bit for every 8-bit stream (H.264, HEVC, VP8, VP9, MPEG-4, MPEG-2, MJPEG, FFV1,
+...; 4:2:0, 4:2:2, 4:4:4; colour matrix and range tags), and differ for
+
+* samples above 8 bits (10/12-bit H.264 or HEVC: up to 25 levels, mean 1.8);
+* a display rotation (decord turns the frames, PyAV and read_video do not);
+* AV1 and GIF, which decord cannot read;
+* colour tags other than BT.601 and range tags that contradict the pixel format, with
+  PyAV <= 16 only: it ignores the tags, which decord and PyAV >= 17 apply (bt709: up to
+  38 levels, mean 4.6);
+* reordered keyframes, where decord's seeks land on the wrong frames (`_scan_packets`).
+
+The decord backend sends those files to PyAV (`pyav_reason(path)` says why for one
+file), so both backends return the same frames. The decision costs a probe of about
+4 ms per file (the packet scan plus one decoded frame); decoding with PyAV instead of
+decord costs nothing measurable for a 360x640, 60-frame H.264 clip (43 vs 45 ms).
+
 Whatever the backend, every bad input raises `VideoReadError` naming the path and the
-reason. When PyAV is installed a cheap container probe runs first; it gives clear
-reasons (no video stream, unsupported codec) and rejects grey-scale and alpha streams,
-which decord would silently convert to RGB. Not caught: grey content stored in a colour
-format (e.g. H.264 4:0:0, which FFmpeg decodes as yuv420p).
+reason. When PyAV is installed the probe also gives clear reasons (no video stream,
+unsupported codec) and rejects grey-scale and alpha streams, which decord would
+silently convert to RGB. Not caught: grey content stored in a colour format (e.g.
+H.264 4:0:0, which FFmpeg decodes as yuv420p).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections import deque
@@ -32,7 +51,9 @@ import numpy as np
 from berg_jax.errors import InvalidParameterError, VideoReadError
 from berg_jax.preprocess import N_FRAMES, sample_frame_indices
 
-__all__ = ["VIDEO_EXTENSIONS", "list_videos", "prefetch_clips", "read_clip", "available_backends"]
+__all__ = [
+    "VIDEO_EXTENSIONS", "list_videos", "prefetch_clips", "read_clip", "available_backends", "pyav_reason",
+]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 
@@ -86,10 +107,16 @@ def _first_error_line(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class _Probe:
-    """What the container says about its first video stream."""
+    """What the container (and, when scanned, the first decoded frame) says about its first video stream."""
 
     n_frames: int  # the container's frame count, else its packet count (0: neither known)
     keyframes_reordered: bool  # see `_scan_packets`; False when the packets were not scanned
+    codec: str  # the format's name ("h264", "av1"), not the decoder's ("libdav1d")
+    pix_fmt: str  # "" when unknown
+    colorspace: int  # AVColorSpace tag: 1 bt709, 2 unspecified, 5/6 bt601, 9 bt2020nc, ...
+    color_range: int  # AVColorRange tag: 0 unspecified, 1 limited ("tv"), 2 full ("pc")
+    rotation: int | None  # display rotation, degrees counter-clockwise; None: not scanned or PyAV can't tell
+    size: tuple[int, int]  # (height, width) as stored, before any rotation
 
 
 def _colour_problem(pix_fmt: str) -> str | None:
@@ -113,10 +140,12 @@ def _colour_problem(pix_fmt: str) -> str | None:
 
 
 def _probe(path: str, scan: bool) -> _Probe:
-    """Open the container with PyAV and vet its first video stream (no decoding).
+    """Open the container with PyAV and vet its first video stream.
 
     With `scan`, or when the container has no frame count, the stream's packets are
-    read too (I/O only; decord reads them all on open anyway) by `_scan_packets`.
+    read too (I/O only; decord reads them all on open anyway) by `_scan_packets`, which
+    also decodes the first frame: its pixel format and colour tags are the ones the RGB
+    conversion sees, and its display rotation is where recent PyAV exposes it.
     """
     try:
         container = _av.open(path)
@@ -140,15 +169,49 @@ def _probe(path: str, scan: bool) -> _Probe:
             problem = _colour_problem(ctx.pix_fmt)
             if problem is not None:
                 raise VideoReadError(f"{path}: {problem}; S3D needs 3-channel RGB colour video")
+        codec = _codec_name(ctx)
         n_frames = int(stream.frames or 0)
         if not (scan or n_frames == 0):
-            return _Probe(n_frames, False)
-        n_packets, reordered = _scan_packets(container, stream)
-        return _Probe(n_frames or n_packets, reordered)
+            return _Probe(n_frames, False, codec, ctx.pix_fmt or "", ctx.colorspace, ctx.color_range, None,
+                          (ctx.height, ctx.width))
+        n_packets, reordered, first = _scan_packets(container, stream)
+        src = first if first is not None else ctx  # the frame's tags win: they are what gets converted
+        pix_fmt = first.format.name if first is not None else (ctx.pix_fmt or "")
+        return _Probe(n_frames or n_packets, reordered, codec, pix_fmt, src.colorspace, src.color_range,
+                      _rotation(stream, first) if scan else None, (ctx.height, ctx.width))
 
 
-def _scan_packets(container: Any, stream: Any) -> tuple[int, bool]:
-    """(number of packets, whether a keyframe's decode position differs from its display position).
+def _codec_name(ctx: Any) -> str:
+    # A decoder may be a library's (libdav1d); the rule in `_decord_differs` is about formats.
+    name = getattr(ctx.codec, "canonical_name", None) or ctx.name  # canonical_name: PyAV >= 14
+    return {"libdav1d": "av1", "libaom-av1": "av1"}.get(name, name)
+
+
+def _rotation(stream: Any, frame: Any) -> int | None:
+    """The rotation decord 0.6.0 applies, degrees counter-clockwise (0..359); None where PyAV cannot tell.
+
+    decord reads a "rotate" tag first (clockwise; Matroska files remuxed by old FFmpeg
+    carry one), else the display matrix (counter-clockwise), which PyAV >= 14.1 gives per
+    frame and PyAV <= 13 per stream; 14.0 gives neither. `_read_decord` also catches 90
+    and 270 degrees by decord's output shape, whatever PyAV says.
+    """
+    try:
+        tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), "")
+        if tag.strip() not in ("", "0"):
+            return round(-float(tag)) % 360
+        if frame is not None and hasattr(frame, "rotation"):
+            return round(frame.rotation) % 360
+        side = getattr(stream, "side_data", None)
+        if side is not None:
+            return round(side.get("DISPLAYMATRIX", 0)) % 360
+    except (TypeError, ValueError, AttributeError):
+        pass  # a malformed tag or matrix: unknown
+    return None
+
+
+def _scan_packets(container: Any, stream: Any) -> tuple[int, bool, Any]:
+    """(number of packets, whether a keyframe's decode position differs from its display
+    position, the first decoded frame or None).
 
     Keyframes move with open GOPs: B-frames decoded after an I-frame are shown before it
     (e.g. mpeg4 part 2 with B-frames in mp4). decord 0.6.0 indexes keyframes by decode
@@ -157,6 +220,8 @@ def _scan_packets(container: Any, stream: Any) -> tuple[int, bool]:
     """
     stamps: list[int] = []
     keys: list[int] = []
+    first = None
+    stream.codec_context.thread_count = 1  # the first frame comes out without a thread pool's delay
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the demuxer's closing flush packet
@@ -165,26 +230,153 @@ def _scan_packets(container: Any, stream: Any) -> tuple[int, bool]:
                 keys.append(len(stamps))
             ts = packet.pts if packet.pts is not None else packet.dts
             stamps.append(-1 if ts is None else ts)
+            if first is None:
+                try:
+                    frames = packet.decode()
+                except _av.error.FFmpegError:
+                    frames = []  # a bad packet: the decode reports it; the next one may do
+                first = frames[0] if frames else None
     except _av.error.FFmpegError:
         pass  # a damaged tail: the decode reports it
     if not keys or -1 in stamps:  # no timestamps: the two orders cannot be compared
-        return len(stamps), False
+        return len(stamps), False, first
     order = np.argsort(np.asarray(stamps), kind="stable")  # display position -> decode position
-    return len(stamps), any(order[k] != k for k in keys)
+    return len(stamps), any(order[k] != k for k in keys), first
+
+
+# --- which streams decord reads as FFmpeg does ----------------------------------------
+
+# Codecs decord 0.6.0 cannot read: its bundled FFmpeg 4.1 has no AV1 or VVC decoder, and
+# it cannot index GIF.
+_DECORD_CANNOT_READ = frozenset({"av1", "vvc", "gif"})
+
+# AVColorSpace tags whose YUV -> RGB matrix differs from swscale's BT.601 default.
+_NON_601_MATRICES = {1: "bt709", 4: "fcc", 7: "smpte240m", 9: "bt2020nc", 10: "bt2020c"}
+
+
+def _decord_differs(probe: _Probe) -> str | None:
+    """Why decord's RGB frames of this kind of stream differ from PyAV's, or None where they are equal.
+
+    PyAV's `frame.to_ndarray(format="rgb24")` is FFmpeg's swscale conversion, the one
+    torchvision's `read_video` (BERG's training) ran; decord 0.6.0 converts with the
+    swscale of its own FFmpeg 4.1 in a `scale` filter graph. Measured on real encoder
+    outputs, 64x96, 20 frames of saturated colour (`python -m weights_convert.video_kinds`),
+    decord vs PyAV 18.1 (FFmpeg 8), max / mean |difference| over all frames, 0..255:
+
+    ========================================== ================ ==========================
+    kind (encoder)                             decord vs PyAV   routed to PyAV
+    ========================================== ================ ==========================
+    8 bit, 4:2:0 / 4:2:2 / 4:4:4 / nv12 / gbrp  0 / 0            no
+    (libx264, libx265, libvpx vp8 + vp9,
+    mpeg4, mpeg2video, mjpeg, ffv1, huffyuv,
+    utvideo), matrix tag none / bt601 / bt709
+    / bt2020 / fcc / smpte240m, range tag
+    none / tv / pc, yuvj formats
+    10, 12 bit 4:2:0 + 4:2:2 (libx264, libx265) 20-25 / 1.5-1.8  yes: bit depth > 8
+    16 bit 4:2:0 (ffv1)                        13 / 0.78        yes: bit depth > 8
+    12 bit 4:4:4 (prores_ks 4444)              1 / 0.03         yes: bit depth > 8
+    10 bit 4:4:4 (libx264), 4:2:2 (prores_ks)  0 / 0            yes: same rule, kept simple
+    display matrix or rotate tag 90/180/270    decord's frames  yes: decord turns them,
+                                               = PyAV's turned  PyAV does not
+    rotate tag of another angle (45)           0 / 0            no: decord ignores it
+    av1 (libsvtav1 8 + 10 bit), gif            decord fails     yes: decord cannot read
+    ycgco matrix tag                           PyAV raises      no: PyAV >= 17 refuses it
+    ========================================== ================ ==========================
+
+    Colour tags depend on the PyAV version: PyAV <= 16 converts every frame as BT.601
+    with the range its pixel format implies (yuvj: full), while decord and PyAV >= 17
+    apply the tags. Under PyAV 16.1: bt709 38 / 4.6, bt2020 29 / 3.8, smpte240m 33 / 4.2,
+    fcc 3 / 0.18, full-range-tagged vp9 yuv420p 20 / 5.6. Whether the installed PyAV
+    applies them is tested once at run time (`_pyav_applies_colour_tags`), and only where
+    it does not do those tags send a file to PyAV.
+    """
+    if probe.codec in _DECORD_CANNOT_READ:
+        return f"codec {probe.codec}: decord 0.6.0 cannot read it"
+    if probe.rotation in (90, 180, 270):  # decord turns by these only; other angles it ignores
+        return (f"display rotation of {probe.rotation} degrees counter-clockwise: decord turns the "
+                "frames, PyAV (as torchvision's read_video) returns them as stored")
+    if not probe.pix_fmt:
+        return None  # nothing known to judge by: decord, whose failures still fall back to PyAV
+    fmt = _av.VideoFormat(probe.pix_fmt)
+    bits = max(c.bits for c in fmt.components)
+    if bits > 8:
+        return (f"{bits}-bit samples ({probe.pix_fmt}): decord's FFmpeg 4.1 rounds them to 8-bit RGB "
+                "differently")
+    if fmt.is_rgb or fmt.has_palette:
+        return None  # no YUV matrix or range to apply
+    applies_matrix, applies_range = _pyav_applies_colour_tags()
+    if not applies_matrix and probe.colorspace in _NON_601_MATRICES:
+        return (f"colour matrix tag {_NON_601_MATRICES[probe.colorspace]}: decord applies it, "
+                f"PyAV {_av.__version__} converts as BT.601")
+    full_format = probe.pix_fmt.startswith("yuvj")
+    if not applies_range and probe.color_range in (1, 2) and (probe.color_range == 2) != full_format:
+        tag = "full (pc)" if probe.color_range == 2 else "limited (tv)"
+        return (f"{tag} range tag on {probe.pix_fmt}: decord applies it, PyAV {_av.__version__} "
+                "takes the range from the pixel format")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _pyav_applies_colour_tags() -> tuple[bool, bool]:
+    """(matrix, range): whether this PyAV's rgb24 conversion follows a frame's colour tags.
+
+    PyAV >= 17 converts with `sws_scale_frame`, which reads the frame's tags as decord's
+    FFmpeg 4.1 scale filter does; earlier PyAV called `sws_scale` with swscale's
+    defaults. Decided by converting one tiny saturated frame with and without each tag,
+    so it follows the installed PyAV's behaviour rather than its version number.
+    """
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[:, :8] = (255, 0, 0)  # saturated red and cyan: far apart under any two matrices or ranges
+    rgb[:, 8:] = (0, 160, 160)
+    frame = _av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    frame.colorspace, frame.color_range = 2, 0  # unspecified: swscale's defaults
+    plain = frame.to_ndarray(format="rgb24")
+    frame.colorspace = 1  # bt709
+    matrix = not np.array_equal(frame.to_ndarray(format="rgb24"), plain)
+    frame.colorspace, frame.color_range = 2, 2  # full range on a limited-range format
+    colour_range = not np.array_equal(frame.to_ndarray(format="rgb24"), plain)
+    return matrix, colour_range
+
+
+def _pyav_reason(probe: _Probe) -> str | None:
+    """Why the decord backend hands this (scanned) stream to PyAV, or None."""
+    if probe.keyframes_reordered:
+        return "keyframes shown out of decode order: decord's seeks would land on the wrong frames"
+    return _decord_differs(probe)
+
+
+def pyav_reason(path: str | os.PathLike) -> str | None:
+    """Why `read_clip` reads `path` with PyAV even where decord is installed, or None.
+
+    The decord backend hands over the files whose frames it would get wrong (reordered
+    keyframes) or get differently from PyAV / FFmpeg (bit depth above 8, display
+    rotation, codecs it lacks, and colour tags where the installed PyAV ignores them;
+    see `_decord_differs`). Those files decode at PyAV's speed.
+
+    Raises:
+      VideoReadError: what `read_clip` raises for a file it cannot open.
+      ImportError: PyAV is not installed (without it decord reads everything).
+    """
+    if _av is None:
+        raise ImportError("pyav_reason needs PyAV: pip install av")
+    path = os.fspath(path)
+    _check_file(path)
+    return _pyav_reason(_probe(path, scan=True))
 
 
 # --- backends: (path, n_frames, pad_short) -> uint8 (n_frames, H, W, 3) ----------------
 
 
-def _read_pyav(path: str, n_frames: int, pad_short: bool) -> np.ndarray:
+def _read_pyav(path: str, n_frames: int, pad_short: bool, probe: _Probe | None = None) -> np.ndarray:
     """Sequential decode with PyAV; the frame count T is what actually decodes.
 
     One decode pass when the guessed T (container count, or the packet count where the
     container has none) is right; a second pass when the decoded count differs.
     Packets that fail to decode are skipped (a warning says how many), and a read error
     mid-file ends the stream there, so a damaged tail costs frames, not the file.
+    `probe`: the file's `_probe`, where the caller has it already (saves an open).
     """
-    guess = _probe(path, scan=False).n_frames
+    guess = (probe or _probe(path, scan=False)).n_frames
     frames, n_decoded, problems = _decode_wanted(path, _wanted(guess, n_frames))
     if n_decoded != guess and n_decoded > 0:
         frames, n_decoded, problems = _decode_wanted(path, _wanted(n_decoded, n_frames))
@@ -228,7 +420,16 @@ def _decode_wanted(path: str, wanted: list[int]) -> tuple[dict[int, np.ndarray],
         nonlocal n
         for frame in frames:
             if n in keep:
-                out[n] = frame.to_ndarray(format="rgb24")
+                try:
+                    out[n] = frame.to_ndarray(format="rgb24")
+                except _av.error.FFmpegError as exc:
+                    # Not a bad packet: every frame of the stream would fail alike (e.g. a
+                    # ycgco matrix tag, which swscale in FFmpeg >= 8 refuses).
+                    raise VideoReadError(
+                        f"{path}: PyAV cannot convert its {frame.format.name} frames (colour matrix "
+                        f"tag {frame.colorspace}, range tag {frame.color_range}) to RGB: "
+                        f"{_first_error_line(exc)}"
+                    ) from exc
             n += 1
 
     with _av.open(path) as container:
@@ -238,15 +439,18 @@ def _decode_wanted(path: str, wanted: list[int]) -> tuple[dict[int, np.ndarray],
         try:
             for packet in container.demux(stream):
                 try:
-                    take(packet.decode())
+                    frames = packet.decode()
                 except _av.error.FFmpegError:
                     bad_packets += 1
+                    continue
+                take(frames)
         except _av.error.FFmpegError as exc:
             problems.append(f"reading stopped early ({_first_error_line(exc)})")
             try:  # the demuxer's flush packet never came: drain the decoder by hand
-                take(stream.codec_context.decode(None))
+                frames = stream.codec_context.decode(None)
             except _av.error.FFmpegError:
-                pass
+                frames = []
+            take(frames)
     if bad_packets:
         problems.insert(0, f"{bad_packets} packet{'s' * (bad_packets != 1)} failed to decode")
     return out, n, problems
@@ -257,12 +461,16 @@ def _read_decord(path: str, n_frames: int, pad_short: bool) -> np.ndarray:
 
     decord's `len(vr)` counts packets, which can exceed the frames that decode (corrupt or
     undecodable packets near the end); `get_batch` then raises for the late indices and
-    the sequential PyAV decode, which counts real frames, decides T instead. Files whose
-    keyframes are reordered (`_scan_packets`), where decord returns wrong frames without
-    an error, go to PyAV directly. Without PyAV installed neither check can run.
+    the sequential PyAV decode, which counts real frames, decides T instead. Files where
+    decord returns other frames than PyAV without an error go to PyAV directly: reordered
+    keyframes (`_scan_packets`) and the kinds of stream in `_decord_differs`. Without
+    PyAV installed none of these checks can run.
     """
-    if _av is not None and _probe(path, scan=True).keyframes_reordered:
-        return _read_pyav(path, n_frames, pad_short)
+    probe = None
+    if _av is not None:
+        probe = _probe(path, scan=True)
+        if _pyav_reason(probe) is not None:
+            return _read_pyav(path, n_frames, pad_short, probe)
     try:
         vr = _decord.VideoReader(path, ctx=_decord.cpu(0), num_threads=1)
         n_total = len(vr)
@@ -297,7 +505,11 @@ def _read_decord(path: str, n_frames: int, pad_short: bool) -> np.ndarray:
         return _read_pyav(path, n_frames, pad_short)
     finally:
         del vr  # close the file now, not at the next GC, since workers open many files
+    if probe is not None and clip.shape[1:3] != probe.size:
+        # decord turned the frames by a rotation the probe missed (PyAV 14.0 reports none).
+        return _read_pyav(path, n_frames, pad_short, probe)
     return _pad_last(clip, n_frames) if len(clip) < n_frames else clip
+
 
 
 _BACKENDS: dict[str, Callable[[str, int, bool], np.ndarray]] = {

@@ -441,3 +441,21 @@ def test_demo_end_to_end(tmp_path):
     assert (cache / "out" / "responses.nii.gz").is_file()
     rows = manifest(cache / "out")
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+
+
+@pytest.mark.parametrize("answer, expected", [("81559, 81000\n", None), ("81559, 30000\n", 0.33),
+                                              ("81559, 60000\n81559, 20000\n", 0.22), ("garbage\n", None)])
+def test_gpu_memory_pool_fits_what_another_process_left_free(tmp_path, monkeypatch, answer, expected):
+    """A busy GPU: JAX's pool is sized to 90% of the free memory, so no failed reservations are logged."""
+    from berg_jax import cli
+
+    for key in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(key, raising=False)
+    smi = tmp_path / "fake-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '{answer}'\n")
+    smi.chmod(0o755)
+    assert cli.fit_gpu_memory_pool((str(smi),)) == expected
+    assert os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION") == (None if expected is None else f"{expected:.2f}")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the user's choice wins
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert cli.fit_gpu_memory_pool((str(smi),)) is None and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ

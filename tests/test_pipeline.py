@@ -204,15 +204,15 @@ def test_failures_on_the_device_are_recorded_and_the_run_goes_on(model, videos, 
         def __array__(self, *a, **k):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: simulated out of memory")
 
-    def encode_fn(self):
-        fn = real(self)
+    def encode_fn(self, *args, **kwargs):
+        fn = real(self, *args, **kwargs)
 
-        def wrapped(frames):
+        def wrapped(frames, n_valid=None):
             if frames.shape[2:4] == (48, 64):
                 raise RuntimeError("simulated compile failure for 48x64")
-            if any(np.array_equal(f, clip7) for f in frames):
+            if any(np.array_equal(f, clip7) for f in np.asarray(frames)):
                 return Poisoned()
-            return fn(frames)
+            return fn(frames, n_valid)
         return wrapped
 
     monkeypatch.setattr(EncodingModel, "encode_fn", encode_fn)
