@@ -150,6 +150,8 @@ sys.exit(worker_main(int(sys.argv[2]), int(sys.argv[3])))
 def _package_getattr(name: str) -> Any:
     """`berg_jax.<name>` inside a worker: a submodule is imported alone; any other name
     (a reader using `berg_jax.BERG`, say) runs the real __init__.py once, then resolves."""
+    if name.startswith("__"):  # probes for optional dunders (pickle, inspect) need no model code
+        raise AttributeError(f"module 'berg_jax' has no attribute {name!r}")
     package = sys.modules["berg_jax"]
     base = os.path.join(package.__path__[0], name)
     if os.path.isfile(base + ".py") or os.path.isdir(base):
@@ -203,8 +205,9 @@ def _read_one(read: Callable[..., Any], path: str, kwargs: dict[str, Any]) -> np
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
         return f"{path}: {type(exc).__name__}: {exc}"
-    if not isinstance(clip, np.ndarray):
-        return f"{path}: the read function returned {type(clip).__name__}, not a numpy array"
+    if not isinstance(clip, np.ndarray) or clip.dtype.hasobject:
+        what = f"an array of {clip.dtype}" if isinstance(clip, np.ndarray) else type(clip).__name__
+        return f"{path}: the read function returned {what}, not a numpy array of numbers"
     return np.ascontiguousarray(clip)
 
 
@@ -421,25 +424,24 @@ class _WorkerPool:
                 self.workers.remove(worker)
         worker.dispose()
 
-    def decode(self, path: str) -> Any:
+    def decode(self, path: str, attempt: int = 1) -> Any:
         """The clip, the failure message, or `_CANCELLED`."""
-        for attempt in range(2):
-            worker = self._worker()
-            if worker is None:
+        worker = self._worker()
+        if worker is None:
+            return _CANCELLED
+        try:
+            return worker.decode(path)
+        except _NotSent as died:
+            # Gone while idle (killed from outside), not the file's doing: a new worker reads it.
+            self._retire(worker)
+            if attempt == 1:
+                return self.decode(path, attempt=2)
+            return f"decode worker died ({died}) before reading {path}"
+        except _Died as died:
+            self._retire(worker)
+            if self.stopping:
                 return _CANCELLED
-            try:
-                return worker.decode(path)
-            except _NotSent as died:
-                # Gone while idle (killed from outside): a new worker gets the file.
-                self._retire(worker)
-                if attempt == 1:
-                    return f"decode worker died ({died}) before reading {path}"
-            except _Died as died:
-                self._retire(worker)
-                if self.stopping:
-                    return _CANCELLED
-                return f"decode worker died ({died}) while reading {path}"
-        raise AssertionError("unreachable")
+            return f"decode worker died ({died}) while reading {path}"
 
     def stop(self) -> None:
         """Kill every worker now: decodes in progress end at once (their results are not wanted)."""

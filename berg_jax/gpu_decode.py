@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from berg_jax.errors import InvalidParameterError, VideoReadError
-from berg_jax.preprocess import N_FRAMES, sample_frame_indices
+from berg_jax.frames import N_FRAMES, sample_frame_indices
 
 __all__ = [
     "DECODER_CHOICES",
@@ -95,7 +95,10 @@ _CPU_CODECS = {
 NVDEC_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
 # FFmpeg AVColorSpace values sent to NVDEC: 1 BT.709, 2 unspecified, 5 BT.470BG and
 # 6 SMPTE 170M (both BT.601). Others (BT.2020, FCC, SMPTE 240M, YCgCo) stay on the CPU.
-NVDEC_COLOUR_MATRICES = (1, 2, 5, 6)
+# Measured on an H100 (PyNvVideoCodec 2.2.4 against PyAV 18.1): untagged (2), BT.470BG (5)
+# and SMPTE 170M / BT.601 (6) H.264 clips differ by at most 2 levels (mean 0.65); a BT.709
+# (1) tagged one by up to 27 (mean 6.2): PyAV applies the tag, PyNvVideoCodec does not.
+NVDEC_COLOUR_MATRICES = (2, 5, 6)
 # H.264 profiles NVDEC on Hopper decodes (not High 10 / 4:2:2 / 4:4:4, nor their intra forms).
 _H264_PROFILES_OK = ("baseline", "constrained baseline", "main", "high", "progressive high", "constrained high")
 _FIELD_ORDERS = {2: "top field first", 3: "bottom field first", 4: "top coded first, bottom shown first",
@@ -269,6 +272,10 @@ def nvdec_fallback_reason(
         return f"colour matrix {colorspace} (FFmpeg AVColorSpace): NVDEC's RGB would differ from FFmpeg's"
     if container is not None and container not in NVDEC_CONTAINERS:
         return f"container {container}: NVDEC's frame seeking needs an mp4/mov or mkv/webm index"
+    if container == "matroska,webm" and codec != "vp9":
+        # Measured on an H100: an H.264 mkv came back with frames off by one or more
+        # (max 60 levels, one frame 20 on average); VP9 in webm matched to 2 levels.
+        return f"{codec} in Matroska: NVDEC's frame indices did not match FFmpeg's (measured)"
     if n_packets is not None:
         if n_packets < min_frames:
             return f"{n_packets} frames, fewer than {min_frames}: left to the CPU readers"

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from berg_jax.errors import InvalidParameterError, VideoReadError
-from berg_jax.preprocess import N_FRAMES, sample_frame_indices
+from berg_jax.frames import N_FRAMES, sample_frame_indices
 
 __all__ = [
     "VIDEO_EXTENSIONS", "list_videos", "prefetch_clips", "read_clip", "available_backends", "pyav_reason",

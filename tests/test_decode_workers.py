@@ -187,8 +187,6 @@ def test_worker_runs_no_model_code(videos):
     assert errors == {} and indices == [0, 1]
 
 
-@pytest.mark.xfail(strict=True, reason="berg_jax.video imports N_FRAMES and sample_frame_indices from "
-                                       "berg_jax.preprocess, which imports jax at module level")
 def test_worker_imports_no_jax(videos):
     (indices, clips, errors), = prefetch_clips(videos[:2], 2, read=jax_free_read, num_workers=1)
     assert errors == {}

@@ -43,7 +43,7 @@ def test_plain_h264_goes_to_nvdec():
     assert gd.nvdec_fallback_reason("h264", "yuv420p", 640, 360) is None  # keywords default to fine
     assert reason(codec="hevc", profile="Main") is None
     assert reason(codec="vp9", profile="Profile 0", container="matroska,webm", n_frames=0) is None
-    assert reason(pix_fmt="nv12", colorspace=1, field_order=0, color_range=1) is None
+    assert reason(pix_fmt="nv12", colorspace=6, field_order=0, color_range=1) is None
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -71,6 +71,8 @@ def test_plain_h264_goes_to_nvdec():
     ({"field_order": 2}, "interlaced"),
     ({"field_order": 5}, "interlaced"),
     ({"colorspace": 9}, "colour matrix 9"),
+    ({"colorspace": 1}, "colour matrix 1"),  # BT.709: measured 27 levels off PyAV's frames on an H100
+    ({"container": "matroska,webm"}, "h264 in Matroska"),  # measured: frame indices off on an H100
     ({"container": "avi"}, "container avi"),
     ({"container": "mpeg"}, "container mpeg"),
     ({"n_frames": 10, "n_packets": 10}, "10 frames, fewer than 14"),
@@ -134,7 +136,8 @@ def test_probe_counts_t_as_decord_does(vids):
         info = gd.probe_stream(vids[name])
         assert (info.codec, info.pix_fmt, info.width, info.height) == ("h264", "yuv420p", 64, 48)
         assert info.n_packets == 23 == len(decord.VideoReader(vids[name]))
-        assert gd.stream_fallback_reason(info) is None, name
+        assert gd.stream_fallback_reason(info) == (None if name == "h264" else
+                                                   "h264 in Matroska: NVDEC's frame indices did not match FFmpeg's (measured)")
     assert gd.probe_stream(vids["h264"]).n_frames == 23
     assert gd.probe_stream(vids["mkv"]).n_frames == 0  # matroska stores no count: T is the packet count
 
@@ -541,7 +544,7 @@ def gpu_vids(tmp_path_factory):
 
 
 @nvdec
-@pytest.mark.parametrize("name", ["h264", "mkv", "long"])
+@pytest.mark.parametrize("name", ["h264", "long"])
 def test_nvdec_frames_equal_the_cpu_readers_within_2_levels(gpu_vids, name):
     import jax
 
@@ -556,7 +559,7 @@ def test_nvdec_frames_equal_the_cpu_readers_within_2_levels(gpu_vids, name):
 
 
 @nvdec
-@pytest.mark.parametrize("name", ["h264", "mkv", "long"])
+@pytest.mark.parametrize("name", ["h264", "long"])
 def test_nvdec_t_is_counted_as_the_cpu_readers_count_it(gpu_vids, name):
     decord = pytest.importorskip("decord")
     path = gpu_vids[name]
@@ -572,10 +575,12 @@ def test_nvdec_t_is_counted_as_the_cpu_readers_count_it(gpu_vids, name):
 @nvdec
 def test_nvdec_reader_decodes_file_after_file_and_refuses_short_ones(gpu_vids):
     reader = gd.GpuClipReader()
-    for name in ("h264", "long", "mkv", "h264"):
+    for name in ("h264", "long", "h264"):
         assert reader.read(gpu_vids[name]).shape == (14, 128, 160, 3)
     with pytest.raises(gd.NvdecFallback, match="fewer than 14"):
         reader.read(gpu_vids["short"])
+    with pytest.raises(gd.NvdecFallback, match="h264 in Matroska"):  # measured misaligned on an H100
+        reader.read(gpu_vids["mkv"])
 
 
 @nvdec
@@ -587,6 +592,6 @@ def test_nvdec_pool_end_to_end(gpu_vids):
         results = [f.result(timeout=120) for f in [pool.submit(p) for p in paths]]
     for path, res in zip(paths, results):
         assert isinstance(res, gd.Decoded), res
-        assert res.decoder == ("cpu" if path == gpu_vids["short"] else "gpu"), (path, res.fallback)
+        assert res.decoder == ("cpu" if path in (gpu_vids["short"], gpu_vids["mkv"]) else "gpu"), (path, res.fallback)
         diff = np.abs(np.asarray(res.clip).astype(np.int16) - read_clip(path, pad_short=True).astype(np.int16))
         assert diff.max() <= 2
