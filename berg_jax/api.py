@@ -300,8 +300,9 @@ class BERG:
           precision: "highest" (default: float32 throughout, BERG parity), "tf32" (float32
             storage, convs and matmuls at lax's DEFAULT precision: TF32 on NVIDIA tensor
             cores, one bf16 pass on TPU; on CPU the same as "highest") or "bf16" (S3D and the
-            projection in bfloat16 with float32 accumulation, weights cast once here; the
-            fastest on GPUs/TPUs, slower on CPU); responses are float32 in every mode. `python
+            projection in bfloat16 with float32 accumulation, weights cast once here; slower
+            on CPU, and on an H100 measured no faster than "tf32"); responses are float32 in
+            every mode. `python
             -m benchmarks.precision` measures the deviation. Also accepted, as before:
             `jax.lax.Precision.HIGHEST` ("highest"), None or `jax.lax.Precision.DEFAULT` ("tf32");
             `model.precision` holds the name.

@@ -186,7 +186,7 @@ def _add_model_args(p: argparse.ArgumentParser, subject_help: str = "BMD subject
                    help="highest (default): float32 throughout, BERG's numbers; tf32: float32 with "
                         "TF32 / one-pass bf16 convolutions and matmuls on GPU/TPU (on CPU the same as "
                         "highest); bf16: S3D and the projection in bfloat16 with float32 "
-                        "accumulation, the fastest on GPU/TPU (slower on CPU). Responses are "
+                        "accumulation (slower on CPU; on an H100 no faster than tf32). Responses are "
                         "float32 in every mode")
 
 

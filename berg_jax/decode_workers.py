@@ -50,14 +50,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from berg_jax.errors import BERGError, InvalidParameterError, VideoReadError
+from berg_jax.video import batches_in_order
 
 __all__ = ["DecodeWorkerError", "RESERVED_CORES", "default_decode_workers", "prefetch_clips"]
 
@@ -548,30 +548,8 @@ def _prefetch(
     # A separate generator so that argument errors raise at the call, not at first next().
     pool = _WorkerPool(config)
     threads = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="berg-decode-worker")
-    pending: deque[tuple[list[int], list[Future]]] = deque()
-
-    def submit_next() -> None:
-        batch = next(batches, None)
-        if batch is not None:
-            pending.append((batch, [threads.submit(pool.decode, paths[i]) for i in batch]))
-
     try:
-        for _ in range(queue_size + 1):  # the batch to yield first, plus queue_size ahead
-            submit_next()
-        while pending:
-            batch, futures = pending.popleft()
-            submit_next()  # keep queue_size batches decoding while this one is consumed
-            indices: list[int] = []
-            clips: list[np.ndarray] = []
-            errors: dict[int, str] = {}
-            for i, fut in zip(batch, futures):
-                result = fut.result()
-                if isinstance(result, str):
-                    errors[i] = result
-                else:
-                    indices.append(i)
-                    clips.append(result)
-            yield indices, clips, errors
+        yield from batches_in_order(paths, batches, lambda path: threads.submit(pool.decode, path), queue_size)
     finally:
         # Exhaustion, close(), a thrown exception, garbage collection: kill the workers
         # first so that the decodes in progress return at once, then drop the queued
@@ -579,4 +557,3 @@ def _prefetch(
         pool.stop()
         threads.shutdown(wait=True, cancel_futures=True)
         pool.close()
-        pending.clear()

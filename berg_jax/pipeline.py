@@ -11,9 +11,9 @@ The data path: `decode_workers.prefetch_clips` decodes the next batches of files
 processes (`video.prefetch_clips` in threads with decode_workers=0) while the device
 computes the current one; decoded clips are grouped by frame
 size (H, W) -- each distinct size compiles once, the usual dataset has one -- and fed
-through `feed.run_batches`, which pads every call to the model's batch size (so the
-compiled shape is reused) and dispatches a batch before pulling the previous one's
-result back. Rows go to `outputs.ResponseWriter`, which makes OUT crash-safe and
+through `feed.run_batches`, which stages the next batch onto the device while the
+current one computes, pads a partial batch to the size it runs as (`model.call_size`: a
+tail costs its own size) and pulls each result back asynchronously. Rows go to `outputs.ResponseWriter`, which makes OUT crash-safe and
 resumable; a file that cannot be decoded is recorded (with its reason) and never stops
 the run.
 

@@ -651,35 +651,55 @@ def _prefetch(
 ) -> Iterator[tuple[list[int], list[np.ndarray], dict[int, str]]]:
     # A separate generator so that argument errors raise at the call, not at first next().
     pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="berg-video")
+    try:
+        yield from batches_in_order(paths, batches, lambda path: pool.submit(_read_one, read, path, read_kwargs),
+                                    queue_size)
+    finally:
+        # Runs on exhaustion, close(), a thrown exception and garbage collection alike:
+        # drop what has not started, wait for the (at most num_threads) running decodes.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batches_in_order(
+    paths: list[str],
+    batches: Iterator[list[int]],
+    submit: Callable[[str], Future],
+    queue_size: int,
+) -> Iterator[tuple[list[int], list[np.ndarray], dict[int, str]]]:
+    """The batching every prefetcher shares: decode `queue_size` batches ahead, yield in input order.
+
+    Args:
+      paths: all the inputs.
+      batches: lists of indices into `paths`, in order.
+      submit: path -> Future of the clip, or of the failure message (a str).
+      queue_size: batches submitted ahead of the one being yielded.
+    Yields:
+      (indices, clips, errors) as `prefetch_clips` documents. The caller owns the
+      executor and shuts it down when this generator closes.
+    """
     pending: deque[tuple[list[int], list[Future]]] = deque()
 
     def submit_next() -> None:
         batch = next(batches, None)
         if batch is not None:
-            pending.append((batch, [pool.submit(_read_one, read, paths[i], read_kwargs) for i in batch]))
+            pending.append((batch, [submit(paths[i]) for i in batch]))
 
-    try:
-        for _ in range(queue_size + 1):  # the batch to yield first, plus queue_size ahead
-            submit_next()
-        while pending:
-            batch, futures = pending.popleft()
-            submit_next()  # keep queue_size batches decoding while this one is consumed
-            indices: list[int] = []
-            clips: list[np.ndarray] = []
-            errors: dict[int, str] = {}
-            for i, fut in zip(batch, futures):
-                result = fut.result()
-                if isinstance(result, str):
-                    errors[i] = result
-                else:
-                    indices.append(i)
-                    clips.append(result)
-            yield indices, clips, errors
-    finally:
-        # Runs on exhaustion, close(), a thrown exception and garbage collection alike:
-        # drop what has not started, wait for the (at most num_threads) running decodes.
-        pool.shutdown(wait=True, cancel_futures=True)
-        pending.clear()
+    for _ in range(queue_size + 1):  # the batch to yield first, plus queue_size ahead
+        submit_next()
+    while pending:
+        batch, futures = pending.popleft()
+        submit_next()  # keep queue_size batches decoding while this one is consumed
+        indices: list[int] = []
+        clips: list[np.ndarray] = []
+        errors: dict[int, str] = {}
+        for i, fut in zip(batch, futures):
+            result = fut.result()
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                indices.append(i)
+                clips.append(result)
+        yield indices, clips, errors
 
 
 # --- writing ------------------------------------------------------------------------
