@@ -2,9 +2,9 @@
 
 The data's path is the module map: video (`video`) -> frames -> clip (`preprocess`) ->
 taps (`s3d`, weights from `weights`) -> components and voxels (`head`, BERG's files from
-`berg_files`) -> one fused jitted function (`fused`) -> files (`outputs`, `pipeline`).
-On top: BERG's API (`api`), the command line (`cli`), stimulus optimisation (`optimize`),
-many hosts (`distributed`).
+`berg_files`) -> one fused jitted function (`fused`) -> files (`pipeline`, `writer`,
+`volumes`, all written through `atomic`). On top: BERG's API (`api`), the command line
+(`cli/`), stimulus optimisation (`optimize`), many hosts (`distributed`, `merge`).
 """
 
 from berg_jax.api import BERG, EncodingModel, encoder, responses_from_components

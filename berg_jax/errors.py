@@ -29,3 +29,11 @@ class VideoReadError(BERGError):
 
 class DownloadError(BERGError):
     """A download failed or did not verify (size, ETag or SHA-256)."""
+
+
+class UsageError(Exception):
+    """A command-line mistake; its message is printed as one line and the exit status is 2.
+
+    Raised by the library too where a command-line choice cannot work (`distributed.setup`'s
+    flags, `merge` of a folder without shards); `berg_jax.cli.main` reports it.
+    """

@@ -61,7 +61,7 @@ def berg_keys(subjects: int | Iterable[int]) -> list[str]:
       InvalidParameterError: a subject is not an integer in 1..10.
     """
     keys = [f"{MODEL_ROOT}/encoding_models_weights/pca_weights.npy"]
-    for s in _check_subjects(subjects):
+    for s in check_subjects(subjects):
         keys.append(f"{MODEL_ROOT}/encoding_models_weights/weights_sub-{s:02d}.npy")
         keys.append(f"{MODEL_ROOT}/metadata/metadata_sub-{s:02d}.npy")
     return keys
@@ -100,7 +100,7 @@ def fetch_berg_files(
     return [_fetch_object(client, bucket, key, root / key, show_progress) for key in keys]
 
 
-def _check_subjects(subjects: int | Iterable[int]) -> list[int]:
+def check_subjects(subjects: int | Iterable[int]) -> list[int]:
     """Validated, de-duplicated subjects in their given order."""
     items = list(subjects) if isinstance(subjects, Iterable) else [subjects]
     out: list[int] = []

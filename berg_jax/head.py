@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from berg_jax import berg_files
+from berg_jax.atomic import atomic_write_text
 from berg_jax.errors import ModelLoadError
 from berg_jax.precision import resolve as resolve_precision
 from berg_jax.s3d import TAP_NAMES, TAP_SHAPES
@@ -160,8 +161,6 @@ def _is_current(directory: Path, source: Path) -> bool:
 
 
 def _write_stamp(directory: Path, source: Path, **extra: Any) -> None:
-    from berg_jax.outputs import atomic_write_text
-
     # Written after the checkpoint: a stamp only ever vouches for a finished copy.
     record = {"format": FORMAT, "source": _source_stamp(source), "source_path": str(source), **extra}
     atomic_write_text(_stamp_file(directory), json.dumps(record, indent=2) + "\n")

@@ -13,7 +13,8 @@ computes the current one; decoded clips are grouped by frame
 size (H, W) -- each distinct size compiles once, the usual dataset has one -- and fed
 through `feed.run_batches`, which stages the next batch onto the device while the
 current one computes, pads a partial batch to the size it runs as (`model.call_size`: a
-tail costs its own size) and pulls each result back asynchronously. Rows go to `outputs.ResponseWriter`, which makes OUT crash-safe and
+tail costs its own size) and pulls each result back asynchronously. Rows go to
+`writer.ResponseWriter`, which makes OUT crash-safe and
 resumable; a file that cannot be decoded is recorded (with its reason) and never stops
 the run.
 
@@ -38,14 +39,25 @@ from typing import Any
 import jax
 import numpy as np
 
-from berg_jax import feed, outputs
+from berg_jax import feed
 from berg_jax.api import EncodingModel, check_batch_size
+from berg_jax.atomic import atomic_npy
 from berg_jax.berg_files import N_VOXELS
 from berg_jax.decode_workers import default_decode_workers
 from berg_jax.decode_workers import prefetch_clips as prefetch_clips_in_processes
 from berg_jax.fused import flat_outputs
 from berg_jax.errors import InvalidParameterError
 from berg_jax.video import prefetch_clips, read_clip
+from berg_jax.volumes import volume_file_name, write_responses_nifti
+from berg_jax.writer import (
+    COMPONENTS_FILE,
+    JOB_FILE,
+    MANIFEST_FILE,
+    NIFTI_FILE,
+    RESPONSES_FILE,
+    RUN_FILE,
+    ResponseWriter,
+)
 
 __all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file_name", "responses_from_components_file"]
 
@@ -72,7 +84,7 @@ def _selection_config(model: EncodingModel) -> Any:
 
 def responses_file(subject: int, one_subject: bool) -> str:
     """`responses.npy` for a one-subject job (BERG's case), `responses_sub-SS.npy` among several."""
-    return outputs.RESPONSES_FILE if one_subject else f"responses_sub-{subject:02d}.npy"
+    return RESPONSES_FILE if one_subject else f"responses_sub-{subject:02d}.npy"
 
 
 def output_files(model: EncodingModel) -> dict[int | str, str]:
@@ -83,7 +95,7 @@ def output_files(model: EncodingModel) -> dict[int | str, str]:
     """
     files: dict[int | str, str] = {s: responses_file(s, isinstance(model.subject, int)) for s in model.subjects}
     if model.with_components:
-        files["components"] = outputs.COMPONENTS_FILE
+        files["components"] = COMPONENTS_FILE
     return files
 
 
@@ -104,7 +116,7 @@ def _weights_fingerprint(model: EncodingModel) -> str:
 def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
     """The run_config of a job: exactly the settings that change the values written.
 
-    A resume with a different run_config is refused (`outputs.OutputDirError`); batch
+    A resume with a different run_config is refused (`writer.OutputDirError`); batch
     size, device, decode threads and timings may change between attempts and go to
     run.json's run_info instead. `pad_short` is part of the job because it turns a failed
     row into values; the weights fingerprint catches the same command pointed at other
@@ -130,8 +142,8 @@ def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
 
 
 def plot_file_name(path: str, row: int, n_rows: int) -> str:
-    """`<row>_<stem>.png`, the same naming as `outputs.volume_file_name`."""
-    return outputs.volume_file_name(path, row, n_rows)[: -len(".nii.gz")] + ".png"
+    """`<row>_<stem>.png`, the same naming as `volume_file_name`."""
+    return volume_file_name(path, row, n_rows)[: -len(".nii.gz")] + ".png"
 
 
 def _now() -> str:
@@ -206,12 +218,12 @@ def encode_files(
     (given the same batch size and device: every call is padded to the full batch, and a
     row does not depend on which videos share its batch, but XLA may round differently for
     another compiled batch shape). A different job in the same OUT is refused with
-    `outputs.OutputDirError`.
+    `writer.OutputDirError`.
 
     Args:
       model: from `BERG.get_encoding_model`.
       paths: video files, in output-row order (see `video.list_videos` for folders).
-      out_dir: OUT, created if missing (see `outputs` for the file formats).
+      out_dir: OUT, created if missing (see `writer` for the file formats).
       batch_size: videos per device call; default `model.batch_size`.
       pad_short: repeat the last frame of videos shorter than 14 frames instead of failing them.
       nifti: also write OUT/responses.nii.gz (4-D, MNI152; see the module docstring).
@@ -225,7 +237,7 @@ def encode_files(
     Returns:
       run.json's content plus "out_dir", "outputs" ({name: path}) and "failed" ([(path, reason)]).
     Raises:
-      outputs.OutputDirError: OUT holds another job, or is in use.
+      OutputDirError: OUT holds another job, or is in use.
       InvalidParameterError: no paths, batch_size / decode_threads < 1, or decode_workers < 0.
       ModelLoadError: nifti/plot and the subject's metadata file is missing.
       plots.PlotDependencyError: plot without nilearn/matplotlib.
@@ -264,24 +276,24 @@ def encode_files(
 
         plots.require_plotting()
     names = output_files(model)
-    writer = outputs.ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
+    writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
                                          job_config(model, pad_short))
     try:
         stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads,
                                 decode_workers)
-        files = {("responses" if f == outputs.RESPONSES_FILE else f[: -len(".npy")]): out / f
+        files = {("responses" if f == RESPONSES_FILE else f[: -len(".npy")]): out / f
                  for f in names.values()}
-        files.update({"manifest": out / outputs.MANIFEST_FILE, "run": out / outputs.RUN_FILE})
+        files.update({"manifest": out / MANIFEST_FILE, "run": out / RUN_FILE})
         status = writer.manifest_rows()
         if nifti:
             for s in model.subjects:
                 fmri = metadata[s]["fmri"]
                 nii = names[s][: -len(".npy")] + ".nii.gz"
-                outputs.write_responses_nifti(
+                write_responses_nifti(
                     out / nii, writer.arrays[names[s]], fmri["sub_mask"],
                     fmri["sub_mask_affine"], header=fmri.get("sub_mask_header"),
                     selected_indices=model.voxels_of(s))
-                files["nifti" if nii == outputs.NIFTI_FILE else nii[: -len(".nii.gz")] + "_nifti"] = out / nii
+                files["nifti" if nii == NIFTI_FILE else nii[: -len(".nii.gz")] + "_nifti"] = out / nii
         if plot:
             files["plots"] = _draw_plots(writer, model, metadata[model.subject], out / PLOTS_DIR, status)
         run_info = {
@@ -313,7 +325,7 @@ def _version() -> str:
 
 
 def _encode_pending(
-    writer: outputs.ResponseWriter,
+    writer: ResponseWriter,
     model: EncodingModel,
     paths: list[str],
     bs: int,
@@ -404,7 +416,7 @@ def _encode_pending(
     }
 
 
-def _draw_plots(writer: outputs.ResponseWriter, model: EncodingModel, metadata: dict,
+def _draw_plots(writer: ResponseWriter, model: EncodingModel, metadata: dict,
                 plot_dir: Path, status: list[tuple[str, int, str, str]]) -> Path:
     """One glass-brain PNG per ok row (kept when already there: a resumed job is the same job)."""
     from berg_jax import plots
@@ -470,7 +482,7 @@ def responses_from_components_file(
         raise InvalidParameterError(f"{path}: {components.shape[1]} components per video, but the model in "
                                     f"{berg_dir} has K = {k}; were they written with another berg_dir?")
     out = Path(out_dir)
-    if (out / outputs.JOB_FILE).exists():
+    if (out / JOB_FILE).exists():
         # An encode folder's arrays belong to its job.json; writing beside them would
         # replace its responses.npy with another subject's.
         raise InvalidParameterError(f"{out} is a `berg-jax encode` output folder; write the responses "
@@ -484,7 +496,7 @@ def responses_from_components_file(
                dynamic_ncols=True)
     for s, regression in heads.items():
         target = out / responses_file(s, one)
-        with outputs.atomic_npy(target, (n, regression["coef"].shape[1])) as mm:
+        with atomic_npy(target, (n, regression["coef"].shape[1])) as mm:
             for lo in range(0, n, batch_rows):
                 block = components[lo: lo + batch_rows]
                 mm[lo: lo + len(block)] = apply_head(block, regression)

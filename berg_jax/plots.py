@@ -5,7 +5,7 @@ Nothing here is imported by the rest of berg-jax until a picture is asked for, a
 missing extra raises `PlotDependencyError` with that install line.
 
 Pictures are nilearn glass brains (maximum-intensity projections through the MNI152
-outline, sagittal / coronal / axial) of volumes built with `outputs.responses_to_volume`
+outline, sagittal / coronal / axial) of volumes built with `volumes.responses_to_volume`
 from the subject's `sub_mask` and `sub_mask_affine` (voxels outside the selection are NaN
 and not drawn). Rendering uses matplotlib's headless Agg backend unless the caller already
 chose a backend (a notebook keeps its own), and every PNG is written atomically.
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from berg_jax.atomic import atomic_write_bytes
 from berg_jax.errors import BERGError, ModelLoadError
 
 PLOT_EXTRA = "pip install 'berg-jax[plot]'"
@@ -82,7 +83,7 @@ def response_image(
     """
     import nibabel as nib
 
-    from berg_jax.outputs import responses_to_volume
+    from berg_jax.volumes import responses_to_volume
 
     vol = responses_to_volume(np.asarray(response), sub_mask, selected_indices)
     return nib.Nifti1Image(vol, np.asarray(affine, dtype=float))
@@ -99,8 +100,6 @@ def _plot_image(values: np.ndarray, sub_mask: np.ndarray, affine: np.ndarray,
 
 
 def _save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
-    from berg_jax.outputs import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     path = Path(path)

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from berg_jax.atomic import atomic_open
 from berg_jax.errors import InvalidParameterError, VideoReadError
 from berg_jax.frames import N_FRAMES, sample_frame_indices
 
@@ -721,8 +722,6 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 24) -> Non
       ImportError: PyAV is not installed.
     """
     from fractions import Fraction
-
-    from berg_jax.outputs import atomic_open
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:

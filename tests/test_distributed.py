@@ -1,6 +1,6 @@
 """Many hosts: the split of the inputs, `encode --distributed`'s set-up, `berg-jax merge`.
 
-The merge tests build shard folders with `outputs.ResponseWriter` directly (no model, fast)
+The merge tests build shard folders with `writer.ResponseWriter` directly (no model, fast)
 and compare the merged OUT with a single writer's OUT of all inputs, byte for byte. The
 end-to-end test (slow) starts two real `berg-jax encode --distributed` processes that meet
 through jax.distributed on 127.0.0.1, merges, and compares with a single-process encode.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from berg_jax import cli, distributed, outputs
+from berg_jax import cli, distributed, merge, volumes, writer
 from berg_jax.distributed import SHARD_FILE, Shard, shard_dir_name, shard_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,10 +160,10 @@ def test_shard_inputs_gives_the_block_and_records_it(tmp_path, capsys):
     # the same again (a resume): fine
     assert distributed.shard_inputs(paths, out, Shard(1, 3)) == (block, folder)
     # the inputs changed since: refused, naming the fix
-    with pytest.raises(outputs.OutputDirError, match="inputs changed since that run"):
+    with pytest.raises(writer.OutputDirError, match="inputs changed since that run"):
         distributed.shard_inputs(paths + ["/v/new.mp4"], out, Shard(1, 3))
     # another process count into the same OUT: refused
-    with pytest.raises(outputs.OutputDirError, match="resume that run with --num-processes 3"):
+    with pytest.raises(writer.OutputDirError, match="resume that run with --num-processes 3"):
         distributed.shard_inputs(paths, out, Shard(0, 2))
 
 
@@ -201,7 +201,7 @@ def _fill(writer, rows, values, failed, offset=0):
 def make_reference(tmp_path, paths, failed, columns=COLUMNS, config=CONFIG):
     ref = tmp_path / "ref"
     values = _values(len(paths), columns)
-    w = outputs.ResponseWriter.open(ref, paths, columns, config)
+    w = writer.ResponseWriter.open(ref, paths, columns, config)
     _fill(w, w.pending(), {n: values[n] for n in columns}, failed)
     w.finish({"batch_size": 2})
     return ref
@@ -216,7 +216,7 @@ def make_shards(out, paths, count, failed, unfinished=(), configs=None, columns=
             continue
         first = shard_rows(len(paths), Shard(i, count)).start
         config = (configs or {}).get(i, CONFIG)
-        w = outputs.ResponseWriter.open(folder, block, columns, config)
+        w = writer.ResponseWriter.open(folder, block, columns, config)
         rows = w.pending()
         if i in unfinished:
             rows = rows[:1]
@@ -256,7 +256,7 @@ def test_merge_equals_a_single_writer_byte_for_byte(tmp_path, capsys, count):
     assert "failed (2, recorded in manifest.csv):" in stdout
     assert "/data/videos/clip_06.mp4: has 9 frames" in stdout
     # OUT is a finished encode folder of all the inputs: a writer resuming it has nothing to do
-    w = outputs.ResponseWriter.open(out, PATHS, COLUMNS, CONFIG)
+    w = writer.ResponseWriter.open(out, PATHS, COLUMNS, CONFIG)
     assert w.pending() == []
     with open(ref / "manifest.csv", newline="") as f:
         ref_rows = [(r["path"], int(r["row"]), r["status"], r["error"]) for r in csv.DictReader(f)]
@@ -307,9 +307,9 @@ def test_merge_refuses_a_missing_shard(tmp_path, capsys):
 def test_merge_refuses_shards_with_other_settings(tmp_path, capsys):
     out = tmp_path / "out"
     make_shards(out, PATHS, 2, {}, configs={1: {**CONFIG, "pad_short": True}})
-    with pytest.raises(outputs.OutputDirError, match=r"shard 1 of 2 was encoded with other settings "
+    with pytest.raises(writer.OutputDirError, match=r"shard 1 of 2 was encoded with other settings "
                                                      r"than shard 0 \(run_config\['pad_short'\]"):
-        distributed.merge_shards(out)
+        merge.merge_shards(out)
     assert _merge(capsys, out)[0] == cli.EXIT_USAGE
 
 
@@ -320,21 +320,21 @@ def test_merge_refuses_no_shards_mixed_counts_a_shard_in_use_and_another_job(tmp
     out = tmp_path / "out"
     make_shards(out, PATHS, 2, {})
     # a shard being (re)written right now
-    lock = outputs._lock_dir(out / "shards" / shard_dir_name(0, 2))
+    lock = writer.lock_dir(out / "shards" / shard_dir_name(0, 2))
     try:
-        with pytest.raises(outputs.OutputDirError, match="shard 0 of 2 .* is in use"):
-            distributed.merge_shards(out)
+        with pytest.raises(writer.OutputDirError, match="shard 0 of 2 .* is in use"):
+            merge.merge_shards(out)
     finally:
         lock.close()
     # OUT itself holding another job's results is never overwritten
     (out / "job.json").write_text(json.dumps({"fingerprint": "other", "inputs": []}))
-    with pytest.raises(outputs.OutputDirError, match="already holds the results of another job"):
-        distributed.merge_shards(out)
+    with pytest.raises(writer.OutputDirError, match="already holds the results of another job"):
+        merge.merge_shards(out)
     (out / "job.json").unlink()
     # folders of a run with another process count
     (out / "shards" / shard_dir_name(0, 3)).mkdir()
-    with pytest.raises(outputs.OutputDirError, match="runs with 2 and 3 processes"):
-        distributed.merge_shards(out)
+    with pytest.raises(writer.OutputDirError, match="runs with 2 and 3 processes"):
+        merge.merge_shards(out)
 
 
 def test_merge_concatenates_niftis_and_renames_plots(tmp_path, capsys):
@@ -347,12 +347,12 @@ def test_merge_concatenates_niftis_and_renames_plots(tmp_path, capsys):
     columns, config = {"responses.npy": 6}, {**CONFIG, "subject": 1, "n_voxels": 6}
     failed = {3: "broken"}
     ref = make_reference(tmp_path, paths, failed, columns, config)
-    outputs.write_responses_nifti(ref / "responses.nii.gz", np.load(ref / "responses.npy"), mask, affine)
+    volumes.write_responses_nifti(ref / "responses.nii.gz", np.load(ref / "responses.npy"), mask, affine)
     out = tmp_path / "out"
     make_shards(out, paths, 2, failed, configs={0: config, 1: config}, columns=columns)
     for i in range(2):
         folder = out / "shards" / shard_dir_name(i, 2)
-        outputs.write_responses_nifti(folder / "responses.nii.gz", np.load(folder / "responses.npy"),
+        volumes.write_responses_nifti(folder / "responses.nii.gz", np.load(folder / "responses.npy"),
                                       mask, affine)
         rows = shard_rows(len(paths), Shard(i, 2))
         (folder / "plots").mkdir()

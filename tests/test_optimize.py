@@ -18,7 +18,7 @@ import pytest
 
 from berg_jax import berg_files
 from berg_jax.api import BERG, encoder
-from berg_jax.cli_optimize import add_optimize_parser
+from berg_jax.cli.optimize import add_parser as add_optimize_parser
 from berg_jax.errors import InvalidParameterError, StimulusError, ValidationError
 from berg_jax.optimize import (
     OptimizeResult,
@@ -297,7 +297,7 @@ def test_cli_usage_errors(env, tmp_path, argv, match):
 
 def test_cli_target_file(tmp_path):
     from berg_jax.cli import UsageError
-    from berg_jax.cli_optimize import _load_target
+    from berg_jax.cli.optimize import _load_target
 
     roi_voxels = np.array([5, 2, 7])
     whole = np.arange(10, dtype=np.float64)

@@ -17,22 +17,23 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from berg_jax.outputs import (
-    MANIFEST_FILE,
-    PROGRESS_FILE,
-    RESPONSES_FILE,
-    RUN_FILE,
-    OutputDirError,
-    ResponseWriter,
-    _read_journal,
-    atomic_open,
-    atomic_write_text,
+from berg_jax.atomic import atomic_open, atomic_write_text
+from berg_jax.volumes import (
     responses_to_volume,
     volume_file_name,
     write_nifti,
     write_responses_nifti,
     write_volume_niftis,
 )
+from berg_jax.writer import (
+    MANIFEST_FILE,
+    PROGRESS_FILE,
+    RESPONSES_FILE,
+    RUN_FILE,
+    OutputDirError,
+    ResponseWriter,
+)
+from berg_jax.writer import read_journal as _read_journal
 
 REPO = Path(__file__).resolve().parents[1]
 N_IN, N_VOX = 23, 37
@@ -193,7 +194,7 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import numpy as np
     from tests.test_outputs import PATHS, N_VOX, CONFIG, FAIL, row_value
-    from berg_jax.outputs import ResponseWriter
+    from berg_jax.writer import ResponseWriter
     w = ResponseWriter.open({out!r}, PATHS, N_VOX, CONFIG)
     for i in w.pending():
         if i in FAIL:

@@ -21,11 +21,11 @@ av = pytest.importorskip("av")  # the videos are written with PyAV
 
 import jax  # noqa: E402
 
-from berg_jax import outputs, pipeline  # noqa: E402
+from berg_jax import pipeline, volumes  # noqa: E402
 from berg_jax.api import BERG, EncodingModel  # noqa: E402
 from berg_jax.berg_files import N_VOXELS, load_metadata  # noqa: E402
 from berg_jax.errors import InvalidParameterError, ModelLoadError  # noqa: E402
-from berg_jax.outputs import OutputDirError  # noqa: E402
+from berg_jax.writer import OutputDirError  # noqa: E402
 from berg_jax.pipeline import _group_by_size, encode_files  # noqa: E402
 from berg_jax.synthetic_berg import make_synthetic_model  # noqa: E402
 from berg_jax.video import read_clip  # noqa: E402
@@ -309,4 +309,4 @@ def test_group_by_size_caps_waiting_clips():
 
 def test_plot_file_name():
     assert pipeline.plot_file_name("/x/my clip.mp4", 3, 10) == "000003_my_clip.png"
-    assert outputs.volume_file_name("/x/my clip.mp4", 3, 10) == "000003_my_clip.nii.gz"
+    assert volumes.volume_file_name("/x/my clip.mp4", 3, 10) == "000003_my_clip.nii.gz"

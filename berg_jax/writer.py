@@ -25,33 +25,26 @@ is `pending()` and recomputed, overwriting whatever half-written data it holds. 
 re-NaN'd when marked, so the final `responses.npy` and `manifest.csv` are byte-identical to an
 uninterrupted run's, wherever the previous run was killed (Ctrl-C, kill -9, power loss).
 
-NIfTI: one 4-D `responses.nii.gz` (x, y, z, n_inputs), volume t = row t (failed inputs are
-all-NaN volumes), because 4-D series are what fMRI tools (nilearn, FSL, AFNI) load and index;
-`write_volume_niftis` optionally writes one 3-D file per input as well. Both stream from
-`responses.npy` a few volumes at a time, so memory stays bounded for any number of inputs.
+The NIfTI files beside them (`responses.nii.gz`, OUT/volumes/) are written by `volumes`;
+`merge` assembles the shards of `encode --distributed` with the public functions below.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import io
 import json
-import math
 import os
-import re
-import secrets
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import nibabel as nib
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from .errors import BERGError
+from berg_jax.atomic import TMP_MARK, atomic_npy, atomic_write_text, canonical_json, jsonable, pretty_json
+from berg_jax.errors import BERGError
 
 try:  # flock is POSIX-only; where it is missing, OUT simply isn't guarded against sharing.
     import fcntl
@@ -69,9 +62,6 @@ RUN_FILE = "run.json"
 NIFTI_FILE = "responses.nii.gz"
 LOCK_FILE = ".berg-jax.lock"
 MANIFEST_COLUMNS = ("path", "row", "status", "error")
-# Temporary files are hidden and carry this marker so a resumed run can recognise (and delete)
-# exactly the leftovers of a killed run and nothing else.
-_TMP_MARK = ".berg-tmp-"
 _FILL_ROWS_BYTES = 64 << 20  # NaN-fill responses.npy in ~64 MB slabs
 
 
@@ -79,100 +69,10 @@ class OutputDirError(BERGError):
     """OUT cannot be used: it holds another job's results, is in use, or is damaged."""
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename/creation in `path` (a directory); a no-op where dirs can't be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a binary file that appears at `path` complete or not at all.
-
-    Writes go to a hidden temporary file in the same directory (same filesystem, so the rename
-    is atomic); on a clean exit it is fsynced, `os.replace`d onto `path` and the directory is
-    fsynced. On an exception the temporary file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    tmp = _tmp_path(path)
-    f = open(tmp, "xb")
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file + fsync + os.replace + dir fsync)."""
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8, no newline translation) to `path` atomically.
-
-    surrogateescape: a file name that is not valid UTF-8 (Python holds its bytes as lone
-    surrogates) is written back as its original bytes instead of failing the whole run.
-    """
-    atomic_write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
-
-
-def _jsonable(obj: Any) -> Any:
-    """`obj` with numpy scalars/arrays, paths and tuples turned into JSON types.
-
-    Non-finite floats become None: bare NaN/Infinity are not JSON and break strict readers.
-    """
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store {type(obj).__name__} {obj!r} in JSON")
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _pretty_json(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
 # --------------------------------------------------------------------------- the writer
 
 
-def _job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> dict:
+def job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> dict:
     """job.json's content; the fingerprint covers everything that determines the results."""
     body = {
         "format": FORMAT,
@@ -180,14 +80,14 @@ def _job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> d
         "n_inputs": len(paths),
         "n_voxels": next(iter(arrays.values())),
         "arrays": dict(arrays),
-        "run_config": _jsonable(run_config),
+        "run_config": jsonable(run_config),
     }
-    canon = _canonical_json(body).encode("utf-8", errors="surrogateescape")
+    canon = canonical_json(body).encode("utf-8", errors="surrogateescape")
     body["fingerprint"] = hashlib.sha256(canon).hexdigest()
     return body
 
 
-def _job_difference(old: dict, new: dict) -> str:
+def job_difference(old: dict, new: dict) -> str:
     """A short human description of how two job records differ."""
     diffs = []
     if old.get("format") != new["format"]:
@@ -211,7 +111,12 @@ def _job_difference(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "fingerprint differs"
 
 
-def _read_journal(path: Path, n_inputs: int) -> tuple[list[dict], int]:
+def job_files_present(out: Path, arrays: Iterable[str]) -> list[str]:
+    """Which of a job's files (its arrays, progress.jsonl, manifest.csv, run.json) exist in `out`."""
+    return [n for n in (*arrays, PROGRESS_FILE, MANIFEST_FILE, RUN_FILE) if (out / n).exists()]
+
+
+def read_journal(path: Path, n_inputs: int) -> tuple[list[dict], int]:
     """The valid journal entries and the byte length they span.
 
     Reading stops at the first line that is torn (no trailing newline: killed mid-write), not
@@ -327,7 +232,7 @@ class ResponseWriter:
         arrays = {name: int(width) for name, width in arrays.items()}
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        lock = _lock_dir(out)
+        lock = lock_dir(out)
         try:
             return cls._open_locked(out, paths, arrays, run_config, lock)
         except BaseException:
@@ -339,9 +244,9 @@ class ResponseWriter:
     def _open_locked(
         cls, out: Path, paths: list[str], columns: dict[str, int], run_config: dict, lock: BinaryIO | None
     ) -> ResponseWriter:
-        for leftover in out.glob(f".*{_TMP_MARK}*"):  # from runs killed mid atomic write
+        for leftover in out.glob(f".*{TMP_MARK}*"):  # from runs killed mid atomic write
             leftover.unlink(missing_ok=True)
-        job = _job_record(paths, columns, run_config)
+        job = job_record(paths, columns, run_config)
         job_path, prog_path = out / JOB_FILE, out / PROGRESS_FILE
         advice = f"choose another --out, or delete {out} to start over"
         if job_path.exists():
@@ -351,19 +256,18 @@ class ResponseWriter:
                 raise OutputDirError(f"{job_path} is not valid JSON ({e}); {advice}") from e
             if old.get("fingerprint") != job["fingerprint"]:
                 raise OutputDirError(
-                    f"{out} holds the results of a different job ({_job_difference(old, job)}); "
+                    f"{out} holds the results of a different job ({job_difference(old, job)}); "
                     f"{advice}"
                 )
         else:
-            ours = [n for n in (*columns, PROGRESS_FILE, MANIFEST_FILE, RUN_FILE)
-                    if (out / n).exists()]
+            ours = job_files_present(out, columns)
             if ours:
                 raise OutputDirError(
                     f"{out} already holds {', '.join(ours)} but no {JOB_FILE}, so they are not "
                     f"known to be this job's; {advice}"
                 )
             # job.json goes first: every later file in OUT is then known to belong to it.
-            atomic_write_text(job_path, _pretty_json(job))
+            atomic_write_text(job_path, pretty_json(job))
 
         n_inputs = len(paths)
         if not all((out / name).exists() for name in columns):
@@ -385,7 +289,7 @@ class ResponseWriter:
                 raise OutputDirError(f"{path} is {found}, expected float32 {(n_inputs, width)}; {advice}")
             arrays[name] = arr
 
-        entries, good_end = _read_journal(prog_path, n_inputs)
+        entries, good_end = read_journal(prog_path, n_inputs)
         status = np.zeros(n_inputs, np.uint8)
         errors: dict[int, str] = {}
         for e in entries:
@@ -520,7 +424,7 @@ class ResponseWriter:
         n_failed = int(np.count_nonzero(self._status == 2))
         run = {
             **self.run_config,
-            **_jsonable(run_info or {}),
+            **jsonable(run_info or {}),
             "n_inputs": self.n_inputs,
             "n_ok": self.n_inputs - n_failed,
             "n_failed": n_failed,
@@ -528,7 +432,7 @@ class ResponseWriter:
             "n_voxels": self.run_config.get("n_voxels", self.n_voxels),
             "arrays": self.columns,
         }
-        atomic_write_text(self.out_dir / RUN_FILE, _pretty_json(run))
+        atomic_write_text(self.out_dir / RUN_FILE, pretty_json(run))
         self.close()
         return run
 
@@ -552,7 +456,7 @@ class ResponseWriter:
         self.close()
 
 
-def _lock_dir(out: Path) -> BinaryIO | None:
+def lock_dir(out: Path) -> BinaryIO | None:
     """Take OUT's exclusive lock; the OS drops it when the process dies, even on kill -9."""
     if fcntl is None:
         return None
@@ -565,29 +469,6 @@ def _lock_dir(out: Path) -> BinaryIO | None:
     return f
 
 
-@contextmanager
-def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = np.float32) -> Iterator[np.memmap]:
-    """A writable .npy memmap that appears at `path` only when the block exits cleanly.
-
-    For arrays larger than memory: fill it slab by slab; on an exception the temporary file
-    is removed and `path` is untouched.
-    """
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        mm = open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        yield mm
-        mm.flush()
-        del mm
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _create_nan_npy(path: Path, shape: tuple[int, int]) -> np.memmap:
     """A NaN-filled float32 .npy at `path`, created under a temp name so it appears whole."""
     with atomic_npy(path, shape) as mm:
@@ -596,201 +477,3 @@ def _create_nan_npy(path: Path, shape: tuple[int, int]) -> np.memmap:
             mm[start:start + step] = np.nan
             mm.flush()
     return open_memmap(path, mode="r+")
-
-
-# --------------------------------------------------------------------------- NIfTI
-
-
-def voxel_flat_indices(sub_mask: np.ndarray, selected_indices: Sequence[int] | None = None
-                       ) -> np.ndarray:
-    """C-order flat positions in `sub_mask`'s grid of the output columns.
-
-    Args:
-      sub_mask: bool (62, 77, 61); its N_s True voxels in C order are the model's voxels.
-      selected_indices: (n_sel,) int into those N_s voxels (the selection), or None for all.
-    Returns:
-      int64 (n_sel,): column j of the responses is voxel `unravel_index(out[j], shape)`.
-    """
-    mask = np.asarray(sub_mask, dtype=bool)
-    flat = np.flatnonzero(mask.ravel(order="C"))
-    if selected_indices is None:
-        return flat
-    sel = np.asarray(selected_indices).reshape(-1)
-    if sel.size and not np.issubdtype(sel.dtype, np.integer):
-        raise ValueError(f"selected_indices must be integers, got {sel.dtype}")
-    sel = sel.astype(np.int64)
-    if sel.size and (sel.min() < 0 or sel.max() >= flat.size):
-        raise IndexError(f"selected_indices must lie in 0..{flat.size - 1}")
-    if len(np.unique(sel)) != sel.size:
-        raise ValueError("selected_indices has duplicates: two columns would share a voxel")
-    return flat[sel]
-
-
-def responses_to_volume(
-    responses: np.ndarray,
-    sub_mask: np.ndarray,
-    selected_indices: Sequence[int] | None = None,
-) -> np.ndarray:
-    """Put responses back on the brain grid.
-
-    Args:
-      responses: (n_sel,) or (n, n_sel) float; column j is the j-th selected voxel.
-      sub_mask: bool (62, 77, 61).
-      selected_indices: (n_sel,) int into the N_s True voxels of sub_mask, or None for all.
-    Returns:
-      float32 (62, 77, 61) for 1-D input, (62, 77, 61, n) for 2-D; NaN outside the selection.
-    """
-    mask = np.asarray(sub_mask, dtype=bool)
-    flat = voxel_flat_indices(mask, selected_indices)
-    r = np.asarray(responses, dtype=np.float32)
-    if r.ndim not in (1, 2) or r.shape[-1] != flat.size:
-        raise ValueError(f"responses must be (n_sel,) or (n, n_sel) with n_sel={flat.size}, "
-                         f"got {r.shape}")
-    rows = r.reshape(-1, flat.size)
-    vol = np.full((rows.shape[0], mask.size), np.nan, np.float32)
-    vol[:, flat] = rows
-    vol = vol.reshape((rows.shape[0],) + mask.shape)
-    # volumes last, as NIfTI stores them: (x, y, z, n)
-    return vol[0] if r.ndim == 1 else np.moveaxis(vol, 0, -1)
-
-
-def _nifti_header(shape: tuple[int, ...], affine: np.ndarray,
-                  header: nib.Nifti1Header | None) -> nib.Nifti1Header:
-    """The header nibabel would write for float32 data of `shape` (without building the data)."""
-    # broadcast_to: a full-shape array that costs no memory, so nibabel fills shape/affine.
-    img = nib.Nifti1Image(np.broadcast_to(np.float32(0), shape), np.asarray(affine, float),
-                          header)
-    img.set_data_dtype(np.float32)  # a mask's header says uint8/int; the data are float32
-    img.update_header()
-    hdr = img.header.copy()
-    hdr.set_slope_inter(1.0, 0.0)  # what nibabel stores for float32 data that needs no scaling
-    return hdr
-
-
-def _write_nifti_volumes(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray,
-                         header: nib.Nifti1Header | None, volumes: Iterable[np.ndarray],
-                         compresslevel: int) -> None:
-    """Stream 3-D float32 volumes (x fastest: NIfTI's Fortran order) into a .nii(.gz), atomically.
-
-    gzip's timestamp is fixed at 0 so equal data give byte-equal files.
-    """
-    hdr = _nifti_header(shape, affine, header)
-    head = io.BytesIO()
-    hdr.write_to(head)
-    head.write(b"\0" * (int(hdr.get_data_offset()) - head.tell()))
-    n_expected = int(np.prod(shape[3:], dtype=np.int64))
-    with atomic_open(path) as raw:
-        gz = (gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=compresslevel,
-                            mtime=0) if str(path).endswith(".gz") else None)
-        f = gz if gz is not None else raw
-        f.write(head.getvalue())
-        n = 0
-        for vol in volumes:
-            vol = np.asarray(vol, np.float32)
-            if vol.shape != tuple(shape[:3]):
-                raise ValueError(f"volume shape {vol.shape} != {shape[:3]}")
-            f.write(vol.tobytes(order="F"))
-            n += 1
-        if n != n_expected:
-            raise ValueError(f"got {n} volumes, expected {n_expected}")
-        if gz is not None:
-            gz.close()  # writes the gzip trailer; `raw` stays open for atomic_open to commit
-
-
-def write_nifti(
-    path: str | os.PathLike,
-    data: np.ndarray,
-    affine: np.ndarray,
-    header: nib.Nifti1Header | None = None,
-    compresslevel: int = 1,
-) -> None:
-    """Write a 3-D (x,y,z) or 4-D (x,y,z,n) array as float32 NIfTI-1, atomically.
-
-    Args:
-      path: `.nii.gz` (gzip, reproducible bytes) or `.nii`.
-      data: float (x, y, z) or (x, y, z, n); NaN marks voxels without a value.
-      affine: float (4, 4) voxel -> mm (for BERG: `sub_mask_affine`, MNI152).
-      header: a template header (e.g. `sub_mask_header`); shape, dtype and scaling are
-        replaced, other fields (units, descrip, extensions) kept.
-      compresslevel: gzip level (nibabel's default, 1: fast; NaN runs compress well anyway).
-    """
-    data = np.asarray(data)
-    if data.ndim not in (3, 4):
-        raise ValueError(f"data must be 3-D or 4-D, got shape {data.shape}")
-    vols = [data] if data.ndim == 3 else (data[..., t] for t in range(data.shape[3]))
-    _write_nifti_volumes(path, data.shape, affine, header, vols, compresslevel)
-
-
-def write_responses_nifti(
-    path: str | os.PathLike,
-    responses: np.ndarray,
-    sub_mask: np.ndarray,
-    affine: np.ndarray,
-    header: nib.Nifti1Header | None = None,
-    selected_indices: Sequence[int] | None = None,
-    chunk_rows: int = 16,
-    compresslevel: int = 1,
-) -> None:
-    """Write all rows of `responses` as one 4-D NIfTI (x, y, z, n_inputs), volume t = row t.
-
-    Reads `chunk_rows` rows at a time, so `responses` may be a memmap of `responses.npy` far
-    larger than memory (about chunk_rows x 1.2 MB are held).
-
-    Args:
-      path: usually OUT/responses.nii.gz.
-      responses: (n_inputs, n_sel) float (NaN rows for failed inputs stay all-NaN volumes).
-      sub_mask, selected_indices: as in `responses_to_volume`.
-      affine, header, compresslevel: as in `write_nifti`.
-    """
-    mask = np.asarray(sub_mask, dtype=bool)
-    flat = voxel_flat_indices(mask, selected_indices)
-    n = responses.shape[0]
-    if responses.ndim != 2 or responses.shape[1] != flat.size:
-        raise ValueError(f"responses must be (n, {flat.size}), got {responses.shape}")
-
-    def volumes() -> Iterator[np.ndarray]:
-        for start in range(0, n, chunk_rows):
-            block = responses_to_volume(np.asarray(responses[start:start + chunk_rows]),
-                                        mask, selected_indices)
-            for t in range(block.shape[3]):
-                yield block[..., t]
-
-    _write_nifti_volumes(path, mask.shape + (n,), affine, header, volumes(), compresslevel)
-
-
-def volume_file_name(path: str, row: int, n_rows: int) -> str:
-    """`<row>_<stem>.nii.gz`, row zero-padded so names sort in row order and never collide."""
-    stem = re.sub(r"[^\w.-]", "_", Path(path).stem) or "input"
-    return f"{row:0{max(6, len(str(n_rows - 1)))}d}_{stem}.nii.gz"
-
-
-def write_volume_niftis(
-    out_dir: str | os.PathLike,
-    paths: Sequence[str],
-    responses: np.ndarray,
-    sub_mask: np.ndarray,
-    affine: np.ndarray,
-    header: nib.Nifti1Header | None = None,
-    selected_indices: Sequence[int] | None = None,
-    rows: Sequence[int] | None = None,
-) -> list[Path]:
-    """One 3-D NIfTI per input, named by `volume_file_name`, in `out_dir` (created).
-
-    Args:
-      out_dir: e.g. OUT/volumes.
-      paths: (n_inputs,) the input paths (their stems name the files).
-      responses: (n_inputs, n_sel) float, e.g. the memmap of responses.npy.
-      rows: which rows to write (e.g. only the ok ones); None for all.
-    Returns:
-      the written files, in `rows` order.
-    """
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    written = []
-    for r in range(len(paths)) if rows is None else rows:
-        r = int(r)
-        vol = responses_to_volume(np.asarray(responses[r]), sub_mask, selected_indices)
-        f = d / volume_file_name(paths[r], r, len(paths))
-        write_nifti(f, vol, affine, header)
-        written.append(f)
-    return written

@@ -7,7 +7,7 @@
 
 OUT gets clip.mp4 (uint8, 24 fps, lossy: a preview), clip.npy (float32 (14, H, W, 3) in
 0..1: the exact optimised clip), and trajectory.csv (step,objective; step 0 is the
-initial noise). Each file is written atomically. `add_optimize_parser` registers the
+initial noise). Each file is written atomically. `add_parser` registers the
 sub-command on `berg_jax.cli`'s parser.
 """
 
@@ -19,20 +19,22 @@ import re
 from pathlib import Path
 from typing import Any
 
+from berg_jax.cli.common import EXIT_OK, add_model_args
+from berg_jax.errors import UsageError
+
 CLIP_MP4, CLIP_NPY, TRAJECTORY_CSV = "clip.mp4", "clip.npy", "trajectory.csv"
 FPS = 24
 
 
-def add_optimize_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any) -> None:
     """Register `optimize` on an argparse sub-parsers object (`set_defaults(func=cmd_optimize)`)."""
-    from berg_jax.cli import _add_model_args  # cli imports this module only inside build_parser
     p = subparsers.add_parser(
         "optimize", help="optimise a video that drives an ROI (or matches a response pattern)",
         description="Gradient ascent on a video's pixels (projected Adam, pixels kept in 0..1) to "
                     "maximise the mean modelled response of --roi, or mean(--roi) - mean(--minus-roi), "
                     "or to match a --target response pattern over --roi's voxels. OUT gets clip.mp4, "
                     "clip.npy (float32 (14, H, W, 3), 0..1) and trajectory.csv (step,objective).")
-    _add_model_args(p, one_subject=True)
+    add_model_args(p, one_subject=True)
     p.add_argument("--roi", required=True, metavar="NAME",
                    help="the ROI to drive (e.g. lFFA; `berg-jax info --subject N` lists them)")
     goal = p.add_mutually_exclusive_group()
@@ -54,8 +56,6 @@ def add_optimize_parser(subparsers: Any) -> None:
 
 def parse_size(text: str) -> tuple[int, int]:
     """'112x112' -> (112, 112): height x width, each even and >= 2 (mp4's yuv420p needs even sizes)."""
-    from berg_jax.cli import UsageError
-
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m:
         raise UsageError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. --size 112x112")
@@ -68,8 +68,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _check_args(args: argparse.Namespace) -> tuple[int, int]:
     """Everything that can be wrong with the command line, before the model is loaded."""
-    from berg_jax.cli import UsageError
-
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if not args.lr > 0:
@@ -84,8 +82,6 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int]:
 def _load_target(path: str, n_roi: int, roi_voxels: Any, n_subject_voxels: int) -> Any:
     """--target as float32 (n_roi,) over the ROI's voxels (a whole-brain pattern is cut down to them)."""
     import numpy as np
-
-    from berg_jax.cli import UsageError
 
     try:
         target = np.load(path, allow_pickle=False)
@@ -113,8 +109,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     from berg_jax import berg_files
     from berg_jax.api import BERG
+    from berg_jax.atomic import atomic_write_bytes, atomic_write_text
     from berg_jax.optimize import match_pattern, optimize_stimulus, roi_difference, roi_mean
-    from berg_jax.outputs import atomic_write_bytes, atomic_write_text
     from berg_jax.video import write_mp4
 
     size = _check_args(args)
@@ -156,4 +152,4 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"berg-jax optimize: sub-{args.subject:02d} {objective.name}: {first:.6g} -> {last:.6g} "
           f"({last - first:+.6g}) in {args.steps} steps, {result.seconds:.1f} s")
     print(f"wrote {out / CLIP_MP4}, {CLIP_NPY} (float32 {tuple(result.clip.shape)}, 0..1), {TRAJECTORY_CSV}")
-    return 0
+    return EXIT_OK
