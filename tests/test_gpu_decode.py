@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import types
 from types import SimpleNamespace
 
@@ -471,6 +472,17 @@ def test_pool_without_nvdec_decodes_on_the_cpu_and_says_why():
         ("cpu", "NVDEC unavailable: RuntimeError: Driver version is too old")] * 2
 
 
+def _set_when(event: threading.Event, condition, timeout: float = 60.0) -> None:
+    """Set `event` from a helper thread once `condition()` holds (polled; set anyway after `timeout` s)."""
+    def run():
+        end = time.monotonic() + timeout
+        while not condition() and time.monotonic() < end:
+            time.sleep(0.005)
+        event.set()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def test_pool_shutdown_cancels_what_has_not_started():
     started, release = threading.Event(), threading.Event()
 
@@ -483,7 +495,8 @@ def test_pool_shutdown_cancels_what_has_not_started():
     pool = gd.DecodePool(1, 0, cpu_read=_cpu_read, make_reader=SlowReader)
     futures = [pool.submit(f"v{i}.mp4") for i in range(5)]
     assert started.wait(30)
-    threading.Timer(0.2, release.set).start()
+    # The read in progress ends only once shutdown has cancelled the queue (no timer race).
+    _set_when(release, lambda: futures[1].cancelled())
     pool.shutdown(wait=True, cancel_futures=True)
     assert futures[0].result(timeout=1).decoder == "gpu"
     assert all(f.cancelled() for f in futures[1:])
@@ -504,7 +517,7 @@ def test_pool_shutdown_still_decodes_files_handed_on_late():
     pool = gd.DecodePool(1, 1, cpu_read=_cpu_read, make_reader=SlowRefuser)
     fut = pool.submit("v.mp4")
     assert started.wait(30)
-    threading.Timer(0.2, release.set).start()
+    _set_when(release, lambda: pool._closed)  # the refusal comes after shutdown began
     pool.shutdown(wait=True)
     res = fut.result(timeout=5)
     assert (res.decoder, res.fallback) == ("cpu", "late refusal")
