@@ -449,10 +449,17 @@ def test_pool_takes_failure_messages_returned_by_the_cpu_reader():
     def answers(path, **_):
         return f"{path}: decode worker died" if "bad" in path else np.zeros((14, 2, 2, 3), np.uint8)
 
-    with gd.DecodePool(1, 1, cpu_read=answers, make_reader=_FakeReader) as pool:
+    # One route per pool, so which thread takes a file is not left to the scheduler (a CPU
+    # thread also takes files from the queue): a GPU thread alone decodes what NVDEC
+    # refuses on the CPU itself; a CPU thread alone reads every file directly.
+    with gd.DecodePool(1, 0, cpu_read=answers, make_reader=_FakeReader) as pool:
         results = _results(pool, ["refuse_bad.mp4", "refuse.mp4"])
     assert results[0] == "refuse_bad.mp4: decode worker died"
     assert (results[1].decoder, results[1].fallback) == ("cpu", "test reason")
+    with gd.DecodePool(0, 1, cpu_read=answers, make_reader=_FakeReader) as pool:
+        results = _results(pool, ["refuse_bad.mp4", "refuse.mp4"])
+    assert results[0] == "refuse_bad.mp4: decode worker died"
+    assert (results[1].decoder, results[1].fallback) == ("cpu", None)
 
 
 def test_pool_cpu_threads_share_the_queue():
