@@ -132,16 +132,47 @@ def test_setup_meets_the_others_then_detaches(monkeypatch, capsys):
     assert "the JAX distributed runtime stays up" in capsys.readouterr().out
 
 
-def test_no_cluster_environment_is_a_usage_error_naming_the_flags(monkeypatch):
-    for name in CLUSTER_ENV:
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(cli.UsageError, match="--distributed") as info:
-        distributed.setup(_args(distributed=True))
-    # Either JAX found nothing to go by, or (when an earlier test already started a JAX
-    # backend in this process) it refused to start after the backend; both are one line.
-    assert "--coordinator HOST:PORT" in str(info.value) or "before" in str(info.value)
+NO_CLUSTER_CHILD = """
+import sys
+from berg_jax import cli, distributed
+from tests.test_distributed import _args
+try:
+    distributed.setup(_args(distributed=True))
+except cli.UsageError as exc:
+    import jax
+    print("USAGE:", exc)
+    print("INITIALIZED:", jax.distributed.is_initialized())
+    sys.exit(0)
+print("NO ERROR")
+"""
+
+
+def test_no_cluster_environment_is_a_usage_error_naming_the_flags():
+    """In a fresh process (no JAX backend started yet, whatever ran before in this one):
+    JAX finds no cluster to go by, and the one-line error names the flags to pass."""
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", NO_CLUSTER_CHILD], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "INITIALIZED: False", proc.stdout
+    usage = lines[-2]
+    assert usage.startswith("USAGE: --distributed: JAX could not tell the coordinator"), usage
+    assert "pass --coordinator HOST:PORT --num-processes N --process-id I" in usage
+
+
+def test_distributed_after_a_backend_started_is_a_usage_error(monkeypatch):
+    """In this process, once a JAX backend runs: JAX refuses to start the runtime after it,
+    and berg-jax passes that on as a usage error."""
     import jax
 
+    for name in CLUSTER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    jax.devices()  # a backend is running from here on, whatever the test order
+    with pytest.raises(cli.UsageError, match=r"^--distributed: .*before") as info:
+        distributed.setup(_args(distributed=True, coordinator="127.0.0.1:1", num_processes=2, process_id=0))
+    assert "\n" not in str(info.value)
     assert not jax.distributed.is_initialized()
 
 

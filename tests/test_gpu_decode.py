@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import types
 from types import SimpleNamespace
 
@@ -448,10 +449,17 @@ def test_pool_takes_failure_messages_returned_by_the_cpu_reader():
     def answers(path, **_):
         return f"{path}: decode worker died" if "bad" in path else np.zeros((14, 2, 2, 3), np.uint8)
 
-    with gd.DecodePool(1, 1, cpu_read=answers, make_reader=_FakeReader) as pool:
+    # One route per pool, so which thread takes a file is not left to the scheduler (a CPU
+    # thread also takes files from the queue): a GPU thread alone decodes what NVDEC
+    # refuses on the CPU itself; a CPU thread alone reads every file directly.
+    with gd.DecodePool(1, 0, cpu_read=answers, make_reader=_FakeReader) as pool:
         results = _results(pool, ["refuse_bad.mp4", "refuse.mp4"])
     assert results[0] == "refuse_bad.mp4: decode worker died"
     assert (results[1].decoder, results[1].fallback) == ("cpu", "test reason")
+    with gd.DecodePool(0, 1, cpu_read=answers, make_reader=_FakeReader) as pool:
+        results = _results(pool, ["refuse_bad.mp4", "refuse.mp4"])
+    assert results[0] == "refuse_bad.mp4: decode worker died"
+    assert (results[1].decoder, results[1].fallback) == ("cpu", None)
 
 
 def test_pool_cpu_threads_share_the_queue():
@@ -471,6 +479,17 @@ def test_pool_without_nvdec_decodes_on_the_cpu_and_says_why():
         ("cpu", "NVDEC unavailable: RuntimeError: Driver version is too old")] * 2
 
 
+def _set_when(event: threading.Event, condition, timeout: float = 60.0) -> None:
+    """Set `event` from a helper thread once `condition()` holds (polled; set anyway after `timeout` s)."""
+    def run():
+        end = time.monotonic() + timeout
+        while not condition() and time.monotonic() < end:
+            time.sleep(0.005)
+        event.set()
+
+    threading.Thread(target=run, daemon=True).start()
+
+
 def test_pool_shutdown_cancels_what_has_not_started():
     started, release = threading.Event(), threading.Event()
 
@@ -483,7 +502,8 @@ def test_pool_shutdown_cancels_what_has_not_started():
     pool = gd.DecodePool(1, 0, cpu_read=_cpu_read, make_reader=SlowReader)
     futures = [pool.submit(f"v{i}.mp4") for i in range(5)]
     assert started.wait(30)
-    threading.Timer(0.2, release.set).start()
+    # The read in progress ends only once shutdown has cancelled the queue (no timer race).
+    _set_when(release, lambda: futures[1].cancelled())
     pool.shutdown(wait=True, cancel_futures=True)
     assert futures[0].result(timeout=1).decoder == "gpu"
     assert all(f.cancelled() for f in futures[1:])
@@ -504,7 +524,7 @@ def test_pool_shutdown_still_decodes_files_handed_on_late():
     pool = gd.DecodePool(1, 1, cpu_read=_cpu_read, make_reader=SlowRefuser)
     fut = pool.submit("v.mp4")
     assert started.wait(30)
-    threading.Timer(0.2, release.set).start()
+    _set_when(release, lambda: pool._closed)  # the refusal comes after shutdown began
     pool.shutdown(wait=True)
     res = fut.result(timeout=5)
     assert (res.decoder, res.fallback) == ("cpu", "late refusal")

@@ -10,18 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-torchvision = pytest.importorskip("torchvision")
+from berg_jax import TAP_NAMES, extract_taps, load_s3d, preprocess
+from berg_jax.synthetic import random_state_dict, synthetic_video
+from weights_convert.make_reference import torch_model, torch_preprocess
 
-from berg_jax import TAP_NAMES, extract_taps, load_s3d, preprocess  # noqa: E402
-from berg_jax.synthetic import random_state_dict, synthetic_video  # noqa: E402
-from weights_convert.make_reference import torch_model, torch_preprocess  # noqa: E402
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
 
-def test_torch_saved_weights_video_to_taps(tmp_path):
+@pytest.fixture(scope="module")
+def torch():
+    """torch, with torchvision importable (skips here, not at collection: the test stays selectable by -m torch)."""
+    torch = pytest.importorskip("torch")
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    pytest.importorskip("torchvision")
+    return torch
+
+
+def test_torch_saved_weights_video_to_taps(tmp_path, torch):
     """torch.save'd weights -> load_s3d, a 240x426 video -> preprocess -> taps, against torchvision end to end."""
     state_dict = random_state_dict(seed=7)
     path = tmp_path / "s3d.pth"

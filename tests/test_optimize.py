@@ -240,9 +240,21 @@ def test_optimize_stimulus_raises_the_roi_response(model):
 def test_optimize_stimulus_with_a_components_model(berg):
     """A one-subject model that also returns components: the subject's responses are optimised."""
     model = berg.get_encoding_model(MODEL, subject=1, selection={"roi": "lFFA"}, components=True)
-    result = optimize_stimulus(model, roi_mean(model, "lFFA"), init=0, steps=1, size=(32, 32),
-                               show_progress=False)
+    objective = roi_mean(model, "lFFA")
+    result = optimize_stimulus(model, objective, init=0, steps=1, size=(32, 32), show_progress=False)
     assert result.trajectory.shape == (2,) and np.isfinite(result.trajectory).all()
+    # The trajectory is the objective of subject 1's lFFA responses, before and after the step:
+    # recomputed here from the model's own outputs for the initial and the final clip.
+    fn, params = encoder(model)
+    clips = np.stack([initial_clip(0, (32, 32)), result.clip])
+    out = fn(params, clips)
+    assert set(out) == {"responses", "components"} and out["responses"][1].shape == (2, model.n_voxels_of(1))
+    expected = [float(objective(r)) for r in np.asarray(out["responses"][1])]
+    np.testing.assert_allclose(result.trajectory, expected, rtol=1e-5, atol=1e-6)
+    # The bug this test is for: the objective read another array (the K components); its
+    # value there differs from the responses' by far more than the tolerance above.
+    wrong = [float(objective(c)) for c in out["components"]]  # jax arrays: out-of-range reads clamp
+    assert np.abs(np.subtract(wrong, expected)).min() > 1e-3 * np.abs(expected).max()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,7 +1,8 @@
 """Frame sampling, stimulus validation and S3D preprocessing, against torchvision bit for bit.
 
-The live tests import torch/torchvision and skip where they are absent; the committed
-fixture (tests/fixtures/s3d_reference.npz) covers the same ground offline.
+The live tests (marked `torch`) import torch/torchvision and skip where they are absent;
+the committed fixtures cover the same ground offline: tests/fixtures/s3d_reference.npz
+(four clips) and resize_reference.npz (torch's resize taps, torchvision's odd sizes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from berg_jax.errors import StimulusError
+from tests import reference
 from berg_jax.preprocess import (
     CROP_SIZE,
     MEAN,
@@ -118,11 +120,13 @@ def _tap_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("n_in", [1, 2, 97, 128, 131, 171, 255, 256, 257, 268, 320, 360, 480, 640, 854, 1280])
 def test_resize_taps_match_torch(n_in):
     np.testing.assert_array_equal(_tap_matrix(n_in, 256), _torch_tap_matrix(n_in, 256))
 
 
+@pytest.mark.torch
 def test_lookup_table_matches_torchvision():
     torch, _, _ = _torchvision()
     import torchvision.transforms.functional as F
@@ -141,6 +145,7 @@ def test_lookup_table_matches_committed_fixture():
 # bit-exactness against torchvision
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "height, width, n_frames",
     [
@@ -163,6 +168,7 @@ def test_uint8_bit_exact_vs_torchvision(height, width, n_frames):
     np.testing.assert_array_equal(ours, _torch_reference(frames))
 
 
+@pytest.mark.torch
 def test_preprocess_samples_30_frames_like_berg():
     """BERG's layout (B, T, 3, H, W), T=30 sampled to 14, then torchvision on the kept frames."""
     video = _video(30, 240, 320, seed=3)
@@ -170,6 +176,7 @@ def test_preprocess_samples_30_frames_like_berg():
     np.testing.assert_array_equal(ours[0], _torch_reference(video[sample_frame_indices(30)]))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("height, width", [(97, 131), (360, 640), (256, 256)])
 def test_float_input_matches_torchvision_float_path(height, width):
     """Float 0..1 input is torchvision's float convention: resize without rounding, (x - mean)/std."""
@@ -181,6 +188,7 @@ def test_float_input_matches_torchvision_float_path(height, width):
     assert _ulp_distance(ours, ref) <= 1
 
 
+@pytest.mark.torch
 def test_resize_float32_bits_match_torch_interpolate():
     """The unrounded resize reproduces torch's float32 bits: width first, fma(a, w0, b*w1).
 
@@ -207,8 +215,37 @@ def test_committed_fixture_crops():
         np.testing.assert_array_equal(np.asarray(_preprocess_frames_jit(clip)), expected)
 
 
+@pytest.mark.parametrize("n_in", reference.RESIZE_TAP_SIZES)
+def test_resize_taps_match_committed_torch_taps(n_in):
+    """Offline: berg-jax's taps against torch's own, stored by weights_convert/make_reference.py."""
+    np.testing.assert_array_equal(_tap_matrix(n_in, 256), reference.torch_tap_matrix(n_in))
+
+
+@pytest.mark.parametrize("i", range(len(reference.ODD_SOURCES)),
+                         ids=[f"{h}x{w}" for h, w, _ in reference.ODD_SOURCES])
+def test_odd_sizes_match_committed_torchvision(i):
+    """Offline: uint8 noise of odd sizes against torchvision's stored output, bit for bit.
+
+    The fixture holds SHA-256 digests of torchvision's whole float32 output and of its
+    unrounded float32 resize crop, and its uint8 crop of the first frame on a strided grid
+    (checked first, so a mismatch shows where).
+    """
+    ref = reference.load_resize_reference()
+    frames = reference.odd_source_frames(i)
+    assert reference.sha256_array(frames) == str(ref[f"odd_frames_sha256_{i}"]), "the seeded noise changed"
+    ours = np.asarray(_preprocess_frames_jit(frames))
+    s = reference.ODD_STRIDE
+    lut = normalize_lut()  # (256, 3), checked against torchvision above
+    expected = lut[ref[f"odd_crop_strided_{i}"], np.arange(3)]
+    np.testing.assert_array_equal(ours[0, ::s, ::s], expected)
+    assert reference.sha256_array(ours) == str(ref[f"odd_output_sha256_{i}"])
+    unrounded = np.asarray(jax.jit(_resize_crop)(frames))
+    assert reference.sha256_array(unrounded) == str(ref[f"odd_unrounded_sha256_{i}"])
+
+
 # ---------------------------------------------------------------------------------------
-# against a plain numpy port of the tap formula
+# against a plain numpy port of the tap formula (its taps are berg-jax's own `resize_taps`:
+# this checks the formula's float order, the tests above check the taps against torch's)
 
 
 def _numpy_preprocess(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

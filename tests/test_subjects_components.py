@@ -4,12 +4,14 @@ responses equal to a direct encode.
 
 Model: synthetic, K = 8, subjects 1 and 2 (real voxel counts), small 40x48 clips.
 Tolerance: exact equality wherever the same compiled regression runs on the same
-components (the claims the README makes); the several-subject model against the
-one-subject one is checked to float32 rounding (1e-6 relative: another compiled program).
+components, and for the several-subject model against each one-subject one on CPU (the
+claims the README makes; measured 0); elsewhere, and for ROI columns against whole-brain
+ones (a narrower matmul may take another kernel), float32 rounding (1e-6 relative).
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,13 +63,17 @@ def test_one_pass_returns_every_subject_and_the_components(both, both_out):
 
 
 def test_each_subject_equals_its_own_model(berg, both_out, videos):
+    """README: each subject's responses equal its one-subject model's bit for bit (on CPU)."""
     for s in (1, 2):
         single = berg.get_encoding_model(MODEL, subject=s, batch_size=2)
         alone = berg.encode(single, videos, show_progress=False)
         assert isinstance(alone, np.ndarray)  # BERG's case stays an array
         err = relative_error(both_out[s], alone)
         print(f"sub-{s:02d}: several-subject model vs one-subject model, max relative difference {err:.1e}")
-        assert err <= 1e-6
+        if jax.default_backend() == "cpu":
+            np.testing.assert_array_equal(both_out[s], alone)
+        else:  # another backend may pick other kernels for the other program: float32 rounding
+            assert err <= 1e-6
 
 
 def test_responses_from_components_equal_a_direct_encode(env, both_out):
@@ -86,8 +92,17 @@ def test_roi_selection_per_subject(env, berg, both_out, videos):
         idx = roi_voxel_indices(load_metadata(env[0], s), "lFFA")
         assert model.n_voxels[s] == len(idx)
         assert relative_error(got[s], both_out[s][:, idx]) <= 1e-6
+    # From the stored components, the same ROI's columns: the several-subject model's lFFA
+    # columns (float32 rounding: a narrower matmul may take another kernel), for one
+    # subject and for a list of subjects (each its own lFFA).
     from_components = responses_from_components(both_out["components"], env[0], 1, {"roi": "lFFA"})
-    np.testing.assert_array_equal(from_components.shape, got[1].shape)
+    assert from_components.shape == got[1].shape
+    idx = roi_voxel_indices(load_metadata(env[0], 1), "lFFA")
+    assert relative_error(from_components, both_out[1][:, idx]) <= 1e-6
+    listed = responses_from_components(both_out["components"], env[0], [1, 2], {"roi": "lFFA"})
+    for s in (1, 2):
+        idx = roi_voxel_indices(load_metadata(env[0], s), "lFFA")
+        assert relative_error(listed[s], both_out[s][:, idx]) <= 1e-6
 
 
 def test_components_only_model(berg, both_out, videos):

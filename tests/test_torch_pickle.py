@@ -180,6 +180,7 @@ def _expected(torch, sd, prefix=""):
     return out
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_reads_real_torch_save(tmp_path, torch, zip_format):
     sd = _torch_state_dict(torch)
@@ -192,12 +193,14 @@ def test_reads_real_torch_save(tmp_path, torch, zip_format):
     assert got["scalar.count"].shape == () and int(got["scalar.count"]) == 12345678901
 
 
+@pytest.mark.torch
 def test_reads_module_state_dict_with_metadata(tmp_path, torch):
     model = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 1), torch.nn.BatchNorm3d(4))
     torch.save(model.state_dict(), tmp_path / "m.pth")
     _assert_same(read_torch_state_dict(tmp_path / "m.pth"), _expected(torch, model.state_dict()))
 
 
+@pytest.mark.torch
 def test_torch_loads_writer_output(tmp_path, torch):
     sd = _sample_state_dict()
     write_torch_state_dict(sd, tmp_path / "w.pth")

@@ -260,7 +260,34 @@ def test_prefetch_skip_and_kwargs():
     assert sorted(seen) == [("b", {"pad_short": True}), ("d", {"pad_short": True})]
 
 
-def test_prefetch_runs_ahead_but_bounded():
+DEADLINE_S = 60.0  # for polls: generous on a loaded 2-core machine; a pass takes milliseconds
+
+
+def wait_until(condition, what: str, timeout: float = DEADLINE_S) -> None:
+    """Poll `condition()` until true; fail after `timeout` s (a hang, not a slow machine)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def submitted(monkeypatch) -> list:
+    """The futures prefetch_clips submits to its decode pool, in order."""
+    futures: list = []
+
+    class CountingPool(video.ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            futures.append(future)
+            return future
+
+    monkeypatch.setattr(video, "ThreadPoolExecutor", CountingPool)
+    return futures
+
+
+def test_prefetch_runs_ahead_but_bounded(submitted):
     started = []
 
     def read(path, **kwargs):
@@ -269,35 +296,62 @@ def test_prefetch_runs_ahead_but_bounded():
 
     paths = [str(k) for k in range(40)]
     gen = prefetch_clips(paths, batch_size=2, read=read, num_threads=2, queue_size=1)
-    next(gen)
-    time.sleep(0.1)  # the consumer "computes"; the workers decode ahead meanwhile
-    # The yielded batch, the one queued ahead, and the one submitted when it was yielded.
-    assert len(started) == 6
-    gen.close()
+    try:
+        next(gen)
+        # While the consumer "computes" (the generator is suspended: nothing more is submitted):
+        # the yielded batch, the one queued ahead, and the one submitted when it was yielded.
+        assert len(submitted) == 6
+        # ... and the workers decode them meanwhile, not on the next call.
+        wait_until(lambda: all(f.done() for f in submitted), "the 6 submitted decodes")
+        assert sorted(started, key=int) == [str(k) for k in range(6)]
+    finally:
+        gen.close()
 
 
 @pytest.mark.parametrize("how", ["close", "break", "exception", "keyboard_interrupt"])
-def test_prefetch_stops_threads_when_consumer_stops(how):
-    def slow_read(path, **kwargs):
-        time.sleep(0.05)
+def test_prefetch_stops_threads_when_consumer_stops(how, submitted):
+    """When the consumer stops after the first batch, the queued decodes are cancelled, not run.
+
+    Reads past the first batch block until a decode has been cancelled, and the consumer
+    stops once two of them (num_threads) run, so the rest are queued whatever the timing.
+    """
+    started = []
+    gate = threading.Event()
+
+    def gated_read(path, **kwargs):
+        started.append(path)
+        if int(path) >= 2:
+            gate.wait(DEADLINE_S)
         return np.zeros((14, 1, 1, 3), np.uint8)
 
+    def open_gate_on_cancel():
+        try:
+            wait_until(lambda: any(f.cancelled() for f in list(submitted)), "a cancelled decode")
+        finally:
+            gate.set()
+
+    opener = threading.Thread(target=open_gate_on_cancel, daemon=True)
+    opener.start()
     paths = [str(k) for k in range(50)]
 
     def start():
-        return prefetch_clips(paths, batch_size=2, read=slow_read, num_threads=2, queue_size=2)
+        return prefetch_clips(paths, batch_size=2, read=gated_read, num_threads=2, queue_size=2)
+
+    def both_workers_blocked():
+        wait_until(lambda: len(started) == 4, "reads 2 and 3 to start")
 
     def consume():
         # No reference to the generator outlives the loop: dropping it must stop the threads.
         for _ in start():
+            both_workers_blocked()
             if how == "break":
                 break
             raise RuntimeError("consumer failed")
 
-    t0 = time.monotonic()
     if how == "close":
         gen = start()
         next(gen)
+        both_workers_blocked()
         gen.close()
     elif how == "break":
         consume()
@@ -307,10 +361,16 @@ def test_prefetch_stops_threads_when_consumer_stops(how):
     else:
         gen = start()
         next(gen)
+        both_workers_blocked()
         with pytest.raises(KeyboardInterrupt):
             gen.throw(KeyboardInterrupt)
     assert not worker_threads()
-    assert time.monotonic() - t0 < 1.0  # the queued decodes were cancelled, not run
+    opener.join(DEADLINE_S)
+    # 3 batches ahead + 1 submitted when the first was yielded; the 2 running finished,
+    # the 4 queued were cancelled and never started.
+    assert len(submitted) == 8
+    assert sorted(started, key=int) == ["0", "1", "2", "3"]
+    assert [f.cancelled() for f in submitted] == [False] * 4 + [True] * 4
 
 
 def test_prefetch_real_files(vids):

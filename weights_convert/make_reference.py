@@ -17,6 +17,15 @@ same bytes):
     values at 2048 seeded positions per tap, eight seeded random-sign projections of the
     whole tap (so an error anywhere shows), and the Kinetics logits.
 
+A second, small file (tests/fixtures/resize_reference.npz, `--part resize` writes it alone)
+holds torchvision's values for the odd sizes the offline suite checks beyond those four:
+  * torch's bilinear resize taps to 256 (`F.interpolate` of the identity, antialias off)
+    for source sizes RESIZE_TAP_SIZES, as (256, 2) columns and float32 weights per size;
+  * for seeded uint8 noise frames of ODD_SOURCES (`odd_source_frames`): SHA-256 digests of
+    torchvision's preprocessed float32 output (channels-last) and of the unrounded float32
+    resize crop (`F.interpolate` on the float frames), plus torchvision's uint8 crop of
+    the first frame at every ODD_STRIDE-th row and column (what a mismatch is shown against).
+
 torchvision's compiled ops need CUDA in the PyPI wheel; S3D does not use them, so the
 import of their registrations is stubbed out.
 """
@@ -51,6 +60,14 @@ N_PROJECTIONS = 8
 BERG_SEED = 0
 BERG_COMPONENTS = (8, 100)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "s3d_reference.npz"
+DEFAULT_RESIZE_OUT = DEFAULT_OUT.with_name("resize_reference.npz")
+# Source sizes (one axis) whose resize taps to 256 are stored: edge cases, non-dyadic up-
+# and downscales, the common video sizes.
+RESIZE_TAP_SIZES = (1, 2, 33, 34, 97, 128, 131, 171, 255, 256, 257, 268, 300, 320, 360, 480, 640, 854, 1280)
+# (height, width, n_frames) of the noise clips whose preprocessing is stored by digest.
+ODD_SOURCES = ((97, 131, 3), (33, 34, 2), (255, 257, 2), (268, 268, 2), (256, 300, 1), (480, 854, 1),
+               (720, 1280, 1))
+ODD_STRIDE = 11
 
 
 def state_dict_digest(state_dict: dict[str, np.ndarray]) -> str:
@@ -122,6 +139,73 @@ def reference_clips() -> list[np.ndarray]:
     return clips
 
 
+def odd_source_frames(i: int) -> np.ndarray:
+    """Seeded uint8 noise (T, H, W, 3) of ODD_SOURCES[i]: noise makes every rounding count."""
+    h, w, t = ODD_SOURCES[i]
+    return np.random.default_rng(1000 + i).integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+
+
+def sha256_array(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and C-order bytes."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def torch_resize_taps(n_in: int, n_out: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """torch's bilinear weights (n_out, n_in), read off by interpolating the identity, stored
+    compactly: (n_out, 2) int16 columns (-1 where a row has one tap) and (n_out, 2) float32 weights."""
+    torch, *_ = import_torchvision()
+    eye = torch.eye(n_in, dtype=torch.float32).reshape(1, n_in, 1, n_in)  # one channel per source pixel
+    out = torch.nn.functional.interpolate(eye, size=(1, n_out), mode="bilinear", align_corners=False,
+                                          antialias=False)
+    m = out[0, :, 0, :].numpy().T  # (n_out, n_in)
+    cols = np.full((n_out, 2), -1, np.int16)
+    weights = np.zeros((n_out, 2), np.float32)
+    for r in range(n_out):
+        nz = np.flatnonzero(m[r])
+        if not 1 <= len(nz) <= 2 or (len(nz) == 2 and nz[1] != nz[0] + 1):
+            raise AssertionError(f"torch's row {r} for {n_in} -> {n_out} is not one or two adjacent taps: {nz}")
+        cols[r, :len(nz)] = nz
+        weights[r, :len(nz)] = m[r, nz]
+    return cols, weights
+
+
+def tap_matrix_from_fixture(cols: np.ndarray, weights: np.ndarray, n_in: int) -> np.ndarray:
+    """The dense (n_out, n_in) float32 matrix of `torch_resize_taps`' compact form."""
+    m = np.zeros((len(cols), n_in), np.float32)
+    for k in range(cols.shape[1]):
+        rows = np.flatnonzero(cols[:, k] >= 0)
+        m[rows, cols[rows, k]] = weights[rows, k]
+    return m
+
+
+def resize_reference_arrays() -> dict[str, np.ndarray]:
+    """The arrays of tests/fixtures/resize_reference.npz (see the module docstring)."""
+    torch, torchvision, *_ = import_torchvision()
+    arrays: dict[str, np.ndarray] = {}
+    for n in RESIZE_TAP_SIZES:
+        arrays[f"tap_cols_{n}"], arrays[f"tap_weights_{n}"] = torch_resize_taps(n)
+    top = (256 - 224) // 2
+    for i, (h, w, t) in enumerate(ODD_SOURCES):
+        frames = odd_source_frames(i)
+        out, crop, _ = torch_preprocess(frames)
+        arrays[f"odd_frames_sha256_{i}"] = np.array(sha256_array(frames))
+        arrays[f"odd_output_sha256_{i}"] = np.array(sha256_array(out.numpy().transpose(1, 2, 3, 0)))
+        arrays[f"odd_crop_strided_{i}"] = crop[0, ::ODD_STRIDE, ::ODD_STRIDE]
+        full = torch.nn.functional.interpolate(
+            torch.from_numpy(frames.transpose(0, 3, 1, 2).astype(np.float32)), size=(256, 256),
+            mode="bilinear", align_corners=False, antialias=False)
+        unrounded = full[:, :, top:top + 224, top:top + 224].permute(0, 2, 3, 1).numpy()
+        arrays[f"odd_unrounded_sha256_{i}"] = np.array(sha256_array(unrounded))
+    arrays["meta"] = np.array(json.dumps({
+        "resize_tap_sizes": RESIZE_TAP_SIZES, "odd_sources": ODD_SOURCES, "odd_stride": ODD_STRIDE,
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
+    }))
+    return arrays
+
+
 def decode_crop(crop_diff: np.ndarray) -> np.ndarray:
     """Undo the width-wise uint8 differences of a stored crop: (14, 224, 224, 3) uint8."""
     return np.cumsum(crop_diff, axis=2, dtype=np.uint8)
@@ -181,10 +265,19 @@ def torch_preprocess(clip: np.ndarray):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--resize-out", type=Path, default=DEFAULT_RESIZE_OUT)
+    parser.add_argument("--part", choices=("all", "s3d", "resize"), default="all",
+                        help="which fixture to write: s3d (--out), resize (--resize-out), or both")
     args = parser.parse_args(argv)
     torch, torchvision, *_ = import_torchvision()
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
+    if args.part in ("all", "resize"):
+        args.resize_out.parent.mkdir(parents=True, exist_ok=True)
+        write_npz(args.resize_out, resize_reference_arrays())
+        print(f"wrote {args.resize_out} ({args.resize_out.stat().st_size / 1e3:.1f} kB)")
+    if args.part == "resize":
+        return
 
     state_dict = random_state_dict(WEIGHTS_SEED)
     arrays: dict[str, np.ndarray] = {"state_dict_sha256": np.array(state_dict_digest(state_dict))}
