@@ -52,6 +52,7 @@ import numpy as np
 
 from berg_jax.errors import InvalidParameterError, VideoReadError
 from berg_jax.frames import N_FRAMES, sample_frame_indices
+from berg_jax.video import keyframes_reordered as packets_reordered
 
 __all__ = [
     "DECODER_CHOICES",
@@ -348,10 +349,6 @@ def probe_stream(path: str | os.PathLike) -> StreamInfo:
                 stamps.append(-1 if ts is None else ts)
         except av.error.FFmpegError:
             corrupt += 1  # a damaged tail: what decodes is the CPU readers' call
-        reordered = False
-        if keys and -1 not in stamps:
-            order = np.argsort(np.asarray(stamps), kind="stable")  # display position -> decode position
-            reordered = any(order[k] != k for k in keys)
         return StreamInfo(
             container=container.format.name,
             # The codec, not FFmpeg's chosen decoder (AV1 decodes as "libdav1d").
@@ -368,7 +365,7 @@ def probe_stream(path: str | os.PathLike) -> StreamInfo:
             n_packets=len(stamps),
             n_corrupt=corrupt,
             n_discarded=discarded,
-            keyframes_reordered=reordered,
+            keyframes_reordered=packets_reordered(stamps, keys),
         )
 
 

@@ -239,10 +239,22 @@ def _scan_packets(container: Any, stream: Any) -> tuple[int, bool, Any]:
                 first = frames[0] if frames else None
     except _av.error.FFmpegError:
         pass  # a damaged tail: the decode reports it
+    return len(stamps), keyframes_reordered(stamps, keys), first
+
+
+def keyframes_reordered(stamps: list[int], keys: list[int]) -> bool:
+    """Whether a keyframe's decode position differs from its display position.
+
+    Args:
+      stamps: each packet's pts (else dts; -1 when it has neither), in decode order.
+      keys: the decode positions of the keyframes.
+    Returns:
+      False also when it cannot be told (no keyframe, a packet without timestamps).
+    """
     if not keys or -1 in stamps:  # no timestamps: the two orders cannot be compared
-        return len(stamps), False, first
+        return False
     order = np.argsort(np.asarray(stamps), kind="stable")  # display position -> decode position
-    return len(stamps), any(order[k] != k for k in keys), first
+    return any(order[k] != k for k in keys)
 
 
 # --- which streams decord reads as FFmpeg does ----------------------------------------
