@@ -9,6 +9,7 @@ and the directory is fsynced.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -114,17 +115,40 @@ def pretty_json(obj: Any) -> str:
     return json.dumps(jsonable(obj), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def reserve(fd: int, length: int) -> None:
+    """Allocate `length` bytes of the file's blocks now, where the file system can (posix_fallocate).
+
+    Raises OSError (ENOSPC, EDQUOT, EFBIG) when they cannot be had. File systems without
+    fallocate (some network ones) are left to fail on the first write instead.
+    """
+    if length <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return
+        raise
+
+
 @contextmanager
 def atomic_npy(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any = np.float32) -> Iterator[np.memmap]:
     """A writable .npy memmap that appears at `path` only when the block exits cleanly.
 
     For arrays larger than memory: fill it slab by slab; on an exception the temporary file
-    is removed and `path` is untouched.
+    is removed and `path` is untouched. The file's space is reserved before the map is handed
+    out: a full disk is an OSError (ENOSPC) here, not a SIGBUS at the first write into a page
+    the disk cannot back.
     """
     path = Path(path)
     tmp = temp_path(path)
     try:
         mm = open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            reserve(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
         yield mm
         mm.flush()
         del mm

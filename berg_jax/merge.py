@@ -41,7 +41,10 @@ from berg_jax.distributed import (
     shard_rows,
 )
 from berg_jax.errors import UsageError
+from berg_jax.npy_rows import file_crc32, is_out_of_space
+from berg_jax.verify import Report, check_job_folder
 from berg_jax.writer import (
+    FILE_CHECKSUMS_KEY,
     JOB_FILE,
     MANIFEST_COLUMNS,
     MANIFEST_FILE,
@@ -54,11 +57,11 @@ from berg_jax.writer import (
     job_files_present,
     job_record,
     lock_dir,
+    out_of_space_error,
     read_journal,
 )
 
 _COPY_BYTES = 64 << 20  # arrays are copied in blocks of about this many bytes
-_JOURNAL_ROWS = 4096  # merged progress.jsonl: ok rows per line
 _ENCODE = "`berg-jax encode --distributed`"
 
 
@@ -171,6 +174,18 @@ def _check_rows(info: _ShardInfo, count: int, failed: list[tuple[str, str]]) -> 
     return n_failed
 
 
+def _check_intact(info: _ShardInfo, count: int) -> None:
+    """Refuse a shard whose arrays, journal or files no longer match their checksums (`verify`)."""
+    report = Report(info.folder)
+    check_job_folder(info.folder, report)
+    if report.problems:
+        listed = "; ".join(str(p) for p in report.problems[:5])
+        more = f" and {len(report.problems) - 5} more" if len(report.problems) > 5 else ""
+        raise OutputDirError(
+            f"shard {info.index} of {count} ({info.folder}) is damaged: {listed}{more}: {_fix(info.index, count)} "
+            "(it checks every recorded row and computes the damaged ones again), then merge again")
+
+
 def _lock(folder: Path, what: str) -> Any:
     try:
         return lock_dir(folder)
@@ -217,7 +232,13 @@ def merge_shards(out: str | os.PathLike) -> dict:
             if info.n_rows:
                 locks.append(_lock(info.folder, f"shard {i} of {count}"))
             shards.append(info)
-        return _merge_locked(out, root, count, shards, locks)
+        try:
+            return _merge_locked(out, root, count, shards, locks)
+        except OSError as exc:
+            if not is_out_of_space(exc):
+                raise
+            raise out_of_space_error(out, "the merged files", cause=exc,
+                                     kept=" (the shards are untouched; the merge starts over)") from None
     finally:
         for lock in locks:
             if lock is not None:
@@ -260,6 +281,8 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
                                      "encode again")
     failed: list[tuple[str, str]] = []
     n_failed = sum(_check_rows(s, count, failed) for s in full)
+    for s in full:  # every row is checked against its checksum before it is copied
+        _check_intact(s, count)
     # job.json stores "arrays" with sorted keys; its "n_voxels" is the first array's width in
     # the writer's order, so put an array of that width first (the fingerprint sorts keys).
     arrays: dict[str, int] = dict(sorted(((k, int(v)) for k, v in ref.job["arrays"].items()),
@@ -329,6 +352,7 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
     # ---- progress.jsonl, manifest.csv, run.json
     _write_journal(out / PROGRESS_FILE, full)
     _write_manifest(out / MANIFEST_FILE, full)
+    checked = [MANIFEST_FILE] + [files[k].name for k in files if k == "nifti" or k.endswith("_nifti")]
     run = {
         **run_config,
         "berg_jax_version": __version__,
@@ -346,6 +370,7 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
         "n_failed": n_failed,
         "n_voxels": job["n_voxels"],
         "arrays": arrays,
+        FILE_CHECKSUMS_KEY: {name: file_crc32(out / name) for name in checked},
     }
     atomic_write_text(out / RUN_FILE, pretty_json(run))
     return {**run, "out_dir": str(out), "outputs": files, "failed": failed, "notes": notes,
@@ -448,27 +473,17 @@ def _merge_plots(out: Path, shards: list[_ShardInfo], n_total: int) -> int:
 
 
 def _write_journal(path: Path, shards: list[_ShardInfo]) -> None:
-    """A progress.jsonl recording every row, so OUT is a finished encode folder like any other."""
-    with atomic_open(path) as f:
-        def emit(entry: dict) -> None:
-            f.write((json.dumps(entry) + "\n").encode("ascii"))
+    """A progress.jsonl recording every row, so OUT is a finished encode folder like any other.
 
+    The shards' own entries, rows moved to global rows: their checksums (over the rows in the
+    order listed) still hold for the merged arrays, so `verify` and a resume check them there.
+    """
+    with atomic_open(path) as f:
         for s in shards:
-            ok: list[int] = []
-            for row in _manifest_rows(s):
-                r = s.first_row + int(row[1])
-                if row[2] == "ok":
-                    ok.append(r)
-                    if len(ok) == _JOURNAL_ROWS:
-                        emit({"rows": ok, "status": "ok"})
-                        ok = []
-                else:
-                    if ok:
-                        emit({"rows": ok, "status": "ok"})
-                        ok = []
-                    emit({"rows": [r], "status": "failed", "error": row[3]})
-            if ok:
-                emit({"rows": ok, "status": "ok"})
+            entries, _ = read_journal(s.folder / PROGRESS_FILE, s.n_rows)
+            for e in entries:
+                moved = {**e, "rows": [s.first_row + r for r in e["rows"]]}
+                f.write((json.dumps(moved) + "\n").encode("ascii"))
 
 
 def _write_manifest(path: Path, shards: list[_ShardInfo]) -> None:

@@ -27,10 +27,12 @@ response in z-scored units, and nilearn/FSL/AFNI treat NaN as "no value".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,7 @@ from berg_jax.decode_workers import default_decode_workers
 from berg_jax.decode_workers import prefetch_clips as prefetch_clips_in_processes
 from berg_jax.fused import flat_outputs
 from berg_jax.errors import InvalidParameterError
+from berg_jax.npy_rows import file_bytes, is_out_of_space
 from berg_jax.video import prefetch_clips, read_clip
 from berg_jax.volumes import volume_file_name, write_responses_nifti
 from berg_jax.writer import (
@@ -57,6 +60,7 @@ from berg_jax.writer import (
     RESPONSES_FILE,
     RUN_FILE,
     ResponseWriter,
+    out_of_space_error,
 )
 
 __all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file_name", "responses_from_components_file"]
@@ -277,7 +281,9 @@ def encode_files(
         plots.require_plotting()
     names = output_files(model)
     writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
-                                         job_config(model, pad_short))
+                                 job_config(model, pad_short), show_progress=show_progress)
+    for note in writer.repairs:  # a resume that found damage says what it computes again, and why
+        print(f"berg-jax: {out}: {note}", file=sys.stderr, flush=True)
     try:
         stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads,
                                 decode_workers)
@@ -285,17 +291,21 @@ def encode_files(
                  for f in names.values()}
         files.update({"manifest": out / MANIFEST_FILE, "run": out / RUN_FILE})
         status = writer.manifest_rows()
+        checked_files = []
         if nifti:
             for s in model.subjects:
                 fmri = metadata[s]["fmri"]
                 nii = names[s][: -len(".npy")] + ".nii.gz"
-                write_responses_nifti(
-                    out / nii, writer.arrays[names[s]], fmri["sub_mask"],
-                    fmri["sub_mask_affine"], header=fmri.get("sub_mask_header"),
-                    selected_indices=model.voxels_of(s))
+                with stop_on_full_disk(writer, nii):
+                    write_responses_nifti(
+                        out / nii, writer.arrays[names[s]], fmri["sub_mask"],
+                        fmri["sub_mask_affine"], header=fmri.get("sub_mask_header"),
+                        selected_indices=model.voxels_of(s))
+                checked_files.append(nii)
                 files["nifti" if nii == NIFTI_FILE else nii[: -len(".nii.gz")] + "_nifti"] = out / nii
         if plot:
-            files["plots"] = _draw_plots(writer, model, metadata[model.subject], out / PLOTS_DIR, status)
+            with stop_on_full_disk(writer, f"the plots in {PLOTS_DIR}/"):
+                files["plots"] = _draw_plots(writer, model, metadata[model.subject], out / PLOTS_DIR, status)
         run_info = {
             "berg_jax_version": _version(),
             "jax_version": jax.__version__,
@@ -311,11 +321,26 @@ def encode_files(
             **stats,
             "end_time": _now(),
         }
-        run = writer.finish(run_info)
+        if writer.repairs:
+            run_info["repaired"] = writer.repairs
+        run = writer.finish(run_info, checked_files=checked_files)
     finally:
         writer.close()
     failed = [(p, err) for p, _, s, err in status if s == "failed"]
     return {**run, "out_dir": str(out), "outputs": files, "failed": failed}
+
+
+@contextlib.contextmanager
+def stop_on_full_disk(writer: ResponseWriter, what: str) -> Iterator[None]:
+    """A write of `what` into OUT that finds no room raises `writer.OutOfSpaceError` (the rows stay recorded)."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        raise out_of_space_error(writer.out_dir, what, cause=exc,
+                                 kept=f": it resumes; all {writer.n_inputs} rows are recorded, only "
+                                      f"{what} is written again") from None
 
 
 def _version() -> str:
@@ -496,11 +521,19 @@ def responses_from_components_file(
                dynamic_ncols=True)
     for s, regression in heads.items():
         target = out / responses_file(s, one)
-        with atomic_npy(target, (n, regression["coef"].shape[1])) as mm:
-            for lo in range(0, n, batch_rows):
-                block = components[lo: lo + batch_rows]
-                mm[lo: lo + len(block)] = apply_head(block, regression)
-                bar.update(len(block))
+        shape = (n, regression["coef"].shape[1])
+        try:
+            with atomic_npy(target, shape) as mm:
+                for lo in range(0, n, batch_rows):
+                    block = components[lo: lo + batch_rows]
+                    mm[lo: lo + len(block)] = apply_head(block, regression)
+                    bar.update(len(block))
+        except OSError as exc:
+            if not is_out_of_space(exc):
+                raise
+            bar.close()
+            raise out_of_space_error(out, target.name, file_bytes(shape), exc,
+                                     kept=f" (the files already written are complete: {', '.join(p.name for p in written.values()) or 'none'})") from None
         written[s] = target
     bar.close()
     return written

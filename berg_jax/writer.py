@@ -8,22 +8,34 @@ OUT holds (all names fixed):
   JSON of format, inputs, n_voxels, arrays and run_config) or it is refused with `OutputDirError`.
 - the arrays, by default one `responses.npy`: float32 (n_inputs, n_voxels), C order, a plain
   `.npy` (`numpy.load`, also with `mmap_mode`). Row i is input i; column j is the j-th
-  selected voxel. Created full-size, NaN-filled, under a temporary name and renamed, then
-  filled in place batch by batch. A job may name several arrays with the same rows (one
+  selected voxel. Created full-size -- its space reserved first (`posix_fallocate`), so a
+  full disk or quota is an error at the start, never a crash later -- NaN-filled, under a
+  temporary name and renamed, then filled in place batch by batch with `pwrite` (not through
+  a memory map: see `npy_rows`). A job may name several arrays with the same rows (one
   `responses_sub-SS.npy` per subject, `components.npy`); every one follows these rules.
 - `progress.jsonl`: the journal, append-only, one JSON object per line:
-  `{"rows": [i, ...], "status": "ok"}` or `{"rows": [i, ...], "status": "failed", "error": "..."}`.
-  A line is appended (and fsynced) only after its rows were flushed to every array.
+  `{"rows": [i, ...], "status": "ok", "crc32": {file: c, ...}}` or the same with
+  `"status": "failed", "error": "..."`; `crc32` holds each array's CRC-32 of those rows' float32
+  bytes in the order listed (`npy_rows.rows_crc32`; a failed row's are NaN). A line is appended
+  (and fsynced) only after its rows were synced to every array. Lines without `crc32` (written
+  before berg-jax recorded checksums) are trusted as they are.
 - `manifest.csv` (at finish): header `path,row,status,error`, one line per input in input
   order, `\\n` line ends. A failed input's row in every array is all NaN.
-- `run.json` (at finish): run_config merged with the caller's run_info plus counts.
+- `run.json` (at finish): run_config merged with the caller's run_info plus counts, and
+  `file_crc32`: the CRC-32 of manifest.csv and of every file the caller names (the NIfTIs),
+  which `verify` checks.
 - `.berg-jax.lock`: held with `flock` while a writer is open, so two runs cannot share OUT.
 
-Resume protocol: re-running the same command calls `ResponseWriter.open` again; the rows the
-journal lists (up to the first torn/invalid line, which is cut off) are kept, every other row
-is `pending()` and recomputed, overwriting whatever half-written data it holds. Failed rows are
+Resume protocol: re-running the same command calls `ResponseWriter.open` again. It verifies
+before it trusts: every array must exist with the right header and size (a missing or
+damaged one is recreated, a truncated or grown one resized), and every journaled batch's rows
+must still match their checksums. Batches that don't are dropped from the journal (rewritten
+atomically) and computed again; `repairs` says which rows and why. The rows the journal then
+lists (up to the first torn/invalid line, which is cut off) are kept, every other row is
+`pending()` and recomputed, overwriting whatever half-written data it holds. Failed rows are
 re-NaN'd when marked, so the final `responses.npy` and `manifest.csv` are byte-identical to an
-uninterrupted run's, wherever the previous run was killed (Ctrl-C, kill -9, power loss).
+uninterrupted run's, wherever the previous run was killed (Ctrl-C, kill -9, power loss, a
+full disk) and whatever happened to the files in between.
 
 The NIfTI files beside them (`responses.nii.gz`, OUT/volumes/) are written by `volumes`;
 `merge` assembles the shards of `encode --distributed` with the public functions below.
@@ -36,15 +48,25 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from numpy.lib.format import open_memmap
 
-from berg_jax.atomic import TMP_MARK, atomic_npy, atomic_write_text, canonical_json, jsonable, pretty_json
+from berg_jax.atomic import TMP_MARK, atomic_write_text, canonical_json, jsonable, pretty_json
 from berg_jax.errors import BERGError
+from berg_jax.npy_rows import (
+    NpyRows,
+    create_nan_npy,
+    file_bytes,
+    file_crc32,
+    format_rows,
+    inspect_npy,
+    is_out_of_space,
+    rows_crc32,
+)
 
 try:  # flock is POSIX-only; where it is missing, OUT simply isn't guarded against sharing.
     import fcntl
@@ -62,11 +84,54 @@ RUN_FILE = "run.json"
 NIFTI_FILE = "responses.nii.gz"
 LOCK_FILE = ".berg-jax.lock"
 MANIFEST_COLUMNS = ("path", "row", "status", "error")
-_FILL_ROWS_BYTES = 64 << 20  # NaN-fill responses.npy in ~64 MB slabs
+CHECKSUM_KEY = "crc32"  # a journal entry's {array file: CRC-32 of its rows}
+FILE_CHECKSUMS_KEY = "file_crc32"  # run.json's {file beside the arrays: CRC-32 of the whole file}
+_VERIFY_BAR_BYTES = 256 << 20  # a resume shows a progress bar while it re-reads more than this
 
 
 class OutputDirError(BERGError):
     """OUT cannot be used: it holds another job's results, is in use, or is damaged."""
+
+
+class OutOfSpaceError(OutputDirError):
+    """OUT's file system (or the user's quota, or the file size limit) has no room for what must be written."""
+
+
+def free_bytes(out: Path) -> int | None:
+    """Bytes this user may still write in `out`'s file system (statvfs), or None where unknown."""
+    try:
+        return shutil.disk_usage(out).free
+    except OSError:
+        return None
+
+
+def file_size_limit() -> int | None:
+    """This process's largest allowed file (`ulimit -f`, RLIMIT_FSIZE) in bytes, or None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def out_of_space_error(out: Path, what: str, needed: int | None = None, cause: BaseException | None = None,
+                       kept: str = "") -> OutOfSpaceError:
+    """The error for a write to `out` that found no room: what, how much, how much is free, and the fix."""
+    free = free_bytes(out)
+    limit = file_size_limit()
+    facts = []
+    if needed is not None:
+        facts.append(f"{needed:,} bytes needed")
+    if free is not None:
+        facts.append(f"{free:,} bytes free")
+    if limit is not None:
+        facts.append(f"file size limit (ulimit -f) {limit:,} bytes")
+    if cause is not None:
+        facts.append(os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause))
+    return OutOfSpaceError(
+        f"no room in {out} for {what} ({'; '.join(facts)}): free some space (or raise the quota / "
+        f"limit) or choose another --out, then run the same command again{kept}")
 
 
 # --------------------------------------------------------------------------- the writer
@@ -82,9 +147,14 @@ def job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> di
         "arrays": dict(arrays),
         "run_config": jsonable(run_config),
     }
-    canon = canonical_json(body).encode("utf-8", errors="surrogateescape")
-    body["fingerprint"] = hashlib.sha256(canon).hexdigest()
+    body["fingerprint"] = job_fingerprint(body)
     return body
+
+
+def job_fingerprint(job: dict) -> str:
+    """sha256 of the canonical JSON of a job record's content (every key but "fingerprint")."""
+    body = {k: job.get(k) for k in ("format", "inputs", "n_inputs", "n_voxels", "arrays", "run_config")}
+    return hashlib.sha256(canonical_json(body).encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
 def job_difference(old: dict, new: dict) -> str:
@@ -175,11 +245,12 @@ class ResponseWriter:
         self,
         out_dir: Path,
         job: dict,
-        arrays: dict[str, np.memmap],
+        files: dict[str, NpyRows],
         status: np.ndarray,
         errors: dict[int, str],
         journal: BinaryIO,
         lock: BinaryIO | None,
+        repairs: list[str] | None = None,
     ) -> None:
         """Internal; use `ResponseWriter.open`."""
         self.out_dir = out_dir
@@ -188,7 +259,13 @@ class ResponseWriter:
         self.n_voxels: int = job["n_voxels"]
         self.columns: dict[str, int] = job["arrays"]
         self.run_config: dict = job["run_config"]
-        self.arrays = arrays  # file name -> np.memmap float32 (n_inputs, columns), read-write
+        self._files = files  # file name -> its rows, written with pwrite
+        # file name -> read-only np.memmap float32 (n_inputs, columns): what readers use
+        # (NIfTI, plots); it sees every row written through `_files` (one page cache).
+        self.arrays: dict[str, np.memmap] | None = {
+            name: np.load(f.path, mmap_mode="r", allow_pickle=False) for name, f in files.items()}
+        # What the resume found damaged and is computing again, one sentence each.
+        self.repairs: list[str] = list(repairs or ())
         # per input: 0 pending, 1 ok, 2 failed
         self._status = status
         self._errors = errors
@@ -204,6 +281,7 @@ class ResponseWriter:
         paths: Sequence[str | os.PathLike],
         columns: int | dict[str, int],
         run_config: dict,
+        show_progress: bool = False,
     ) -> ResponseWriter:
         """Create the results in `out_dir`, or resume the same job's results already there.
 
@@ -213,10 +291,15 @@ class ResponseWriter:
           columns: columns of `responses.npy` (the selection's voxel count), or
             {file name: columns} for a job writing several arrays (names end in `.npy`).
           run_config: JSON-able settings that determine the values (numpy values allowed).
+          show_progress: a progress bar while a resume re-reads the recorded rows (when
+            they are more than 256 MB) to check their checksums.
         Raises:
+          OutOfSpaceError: the arrays do not fit in OUT's free space (or quota, or file size
+            limit); nothing is left behind but job.json.
           OutputDirError: OUT holds a different job's results (or results without a
-            `job.json`), another process is writing to it, or `responses.npy` is not the
-            expected float32 (n_inputs, n_voxels) array.
+            `job.json`), another process is writing to it, or an array is a valid .npy of
+            another shape or dtype (not this job's).
+        Damaged files of this job are not errors: they are repaired (see `repairs`).
         """
         paths = [os.fspath(p) for p in paths]
         if not paths:
@@ -234,7 +317,7 @@ class ResponseWriter:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_dir(out)
         try:
-            return cls._open_locked(out, paths, arrays, run_config, lock)
+            return cls._open_locked(out, paths, arrays, run_config, lock, show_progress)
         except BaseException:
             if lock is not None:
                 lock.close()
@@ -242,13 +325,15 @@ class ResponseWriter:
 
     @classmethod
     def _open_locked(
-        cls, out: Path, paths: list[str], columns: dict[str, int], run_config: dict, lock: BinaryIO | None
+        cls, out: Path, paths: list[str], columns: dict[str, int], run_config: dict, lock: BinaryIO | None,
+        show_progress: bool = False,
     ) -> ResponseWriter:
         for leftover in out.glob(f".*{TMP_MARK}*"):  # from runs killed mid atomic write
             leftover.unlink(missing_ok=True)
         job = job_record(paths, columns, run_config)
         job_path, prog_path = out / JOB_FILE, out / PROGRESS_FILE
         advice = f"choose another --out, or delete {out} to start over"
+        n_inputs = len(paths)
         if job_path.exists():
             try:
                 old = json.loads(job_path.read_text("utf-8", errors="surrogateescape"))
@@ -266,33 +351,83 @@ class ResponseWriter:
                     f"{out} already holds {', '.join(ours)} but no {JOB_FILE}, so they are not "
                     f"known to be this job's; {advice}"
                 )
+
+        # ---- each array: whole, repairable, or another file
+        states = {name: inspect_npy(out / name, (n_inputs, width)) for name, width in columns.items()}
+        for name, state in states.items():
+            if state.kind == "other":
+                raise OutputDirError(f"{out / name}: {state.detail}; {advice}")
+        to_create = [name for name, st in states.items() if st.kind in ("missing", "bad_header")]
+        check_room(out, {name: file_bytes((n_inputs, columns[name])) for name in to_create}
+                   | {name: st.expected_size - st.size for name, st in states.items()
+                      if st.kind == "wrong_size" and st.expected_size > st.size})
+        if not job_path.exists():
             # job.json goes first: every later file in OUT is then known to belong to it.
             atomic_write_text(job_path, pretty_json(job))
 
-        n_inputs = len(paths)
-        if not all((out / name).exists() for name in columns):
-            # Without an array the journal's "done" rows have no data any more: start over.
-            prog_path.unlink(missing_ok=True)
-        arrays = {}
-        for name, width in columns.items():
-            path = out / name
-            if not path.exists():
-                arrays[name] = _create_nan_npy(path, (n_inputs, width))
-                continue
-            try:
-                arr = open_memmap(path, mode="r+")
-            except (ValueError, OSError) as e:
-                raise OutputDirError(f"{path} is not a readable .npy ({e}); {advice}") from e
-            if arr.shape != (n_inputs, width) or arr.dtype != np.float32 or not arr.flags.c_contiguous:
-                found = (arr.shape, arr.dtype)
-                del arr
-                raise OutputDirError(f"{path} is {found}, expected float32 {(n_inputs, width)}; {advice}")
-            arrays[name] = arr
-
         entries, good_end = read_journal(prog_path, n_inputs)
+        repairs: list[str] = []
+        repaired: set[str] = set()
+        for name, state in states.items():
+            if state.kind == "ok":
+                continue
+            if entries or state.kind != "missing":
+                repairs.append(f"{name}: {state.detail}: "
+                               + ("recreated" if state.kind != "wrong_size" else "resized")
+                               + "; its recorded rows are checked and computed again where lost")
+            repaired.add(name)
+            if state.kind in ("missing", "bad_header"):
+                try:
+                    create_nan_npy(out / name, (n_inputs, columns[name]))
+                except OSError as exc:
+                    if is_out_of_space(exc):
+                        raise out_of_space_error(out, name, file_bytes((n_inputs, columns[name])), exc) from None
+                    raise
+        files: dict[str, NpyRows] = {}
+        try:
+            for name, width in columns.items():
+                files[name] = NpyRows(out / name, (n_inputs, width), writable=True)
+                if states[name].kind == "wrong_size":
+                    try:
+                        files[name].resize()
+                    except OSError as exc:
+                        if is_out_of_space(exc):
+                            raise out_of_space_error(out, f"{name} (resized to {states[name].expected_size:,} "
+                                                          "bytes)", states[name].expected_size, exc) from None
+                        raise
+
+            # ---- every journaled batch must still hold what was written
+            kept, dropped = check_entries(files, entries, untrusted=repaired, show_progress=show_progress)
+            by_arrays: dict[tuple[str, ...], list[int]] = {}  # one sentence per set of damaged arrays
+            for entry, bad in dropped:
+                by_arrays.setdefault(tuple(bad), []).extend(entry["rows"])
+            for bad, rows in by_arrays.items():
+                repairs.append(f"{', '.join(bad)}: rows {format_rows(rows)} do not match the checksums "
+                               "recorded when they were written (changed or damaged since): computing "
+                               "them again")
+            journal = open(prog_path, "ab", buffering=0)
+            try:
+                if dropped:
+                    # Rewrite the journal without the dropped batches, atomically, so a crash
+                    # now leaves either the old journal (checked again next time) or the new one.
+                    journal.close()
+                    atomic_write_text(prog_path, "".join(json.dumps(e) + "\n" for e in kept))
+                    journal = open(prog_path, "ab", buffering=0)
+                elif journal.tell() != good_end:
+                    # Cut the torn tail so the next entry starts on a line of its own.
+                    journal.truncate(good_end)
+                    journal.seek(good_end)
+                    os.fsync(journal.fileno())
+            except BaseException:
+                journal.close()
+                raise
+        except BaseException:
+            for f in files.values():
+                f.close()
+            raise
         status = np.zeros(n_inputs, np.uint8)
         errors: dict[int, str] = {}
-        for e in entries:
+        for e in kept:
             rows = np.asarray(e["rows"], np.int64)
             status[rows] = 1 if e["status"] == "ok" else 2
             for r in e["rows"]:
@@ -300,13 +435,7 @@ class ResponseWriter:
                     errors[r] = e["error"]
                 else:
                     errors.pop(r, None)
-        journal = open(prog_path, "ab")
-        if journal.tell() != good_end:
-            # Cut the torn tail so the next entry starts on a line of its own.
-            journal.truncate(good_end)
-            journal.seek(good_end)
-            os.fsync(journal.fileno())
-        return cls(out, job, arrays, status, errors, journal, lock)
+        return cls(out, job, files, status, errors, journal, lock, repairs)
 
     # ---------------------------------------------------------------- progress
 
@@ -337,9 +466,28 @@ class ResponseWriter:
 
     def _journal_append(self, entry: dict) -> None:
         # ensure_ascii: any error text (even undecodable file names) becomes plain ASCII JSON
-        self._journal.write((json.dumps(entry) + "\n").encode("ascii"))
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        if self._journal is None:
+            raise OutputDirError(f"the writer of {self.out_dir} stopped after an earlier error (or was closed); "
+                                 "run the same command again to resume")
+        line = memoryview((json.dumps(entry) + "\n").encode("ascii"))
+        try:
+            while line:  # unbuffered: a failed write leaves nothing queued to retry at close
+                line = line[self._journal.write(line):]
+            os.fsync(self._journal.fileno())
+        except OSError as exc:
+            # What reached the file is a torn line at worst, which the next open cuts off.
+            self._journal.close()
+            self._journal = None
+            self._stop_on_full_disk(exc, PROGRESS_FILE)
+            raise
+
+    def _stop_on_full_disk(self, exc: OSError, what: str) -> None:
+        """Turn a write that found no room into OutOfSpaceError; other OSErrors pass."""
+        if is_out_of_space(exc):
+            n_done = int(np.count_nonzero(self._status))
+            raise out_of_space_error(
+                self.out_dir, what, cause=exc,
+                kept=f": it resumes, keeping the {n_done} rows already recorded") from None
 
     def write_rows(self, indices: Sequence[int], responses: np.ndarray | dict[str, np.ndarray]) -> None:
         """Store the responses of inputs `indices` and record them as done.
@@ -362,13 +510,22 @@ class ResponseWriter:
                 raise ValueError(f"{name}: rows must be {(idx.size, self.columns[name])}, got {v.shape}")
         if idx.size == 0:
             return
-        for name, v in values.items():
-            self.arrays[name][idx] = v.astype(np.float32, copy=False)
-        # Rows must be on disk before the journal says they are (msync, then append+fsync).
-        for arr in self.arrays.values():
-            arr.flush()
-        self._journal_append({"rows": idx.tolist(), "status": "ok"})
+        values = {name: np.ascontiguousarray(v, np.float32) for name, v in values.items()}
+        self._store(idx, values, {"rows": idx.tolist(), "status": "ok"})
         self._status[idx] = 1
+
+    def _store(self, idx: np.ndarray, values: dict[str, np.ndarray], entry: dict) -> None:
+        """Write every array's rows, sync them, then journal `entry` with their checksums."""
+        for name, v in values.items():
+            try:
+                self._files[name].write_rows(idx, v)
+            except OSError as exc:
+                self._stop_on_full_disk(exc, name)
+                raise
+        # Rows must be on disk before the journal says they are (fdatasync, then append+fsync).
+        for f in self._files.values():
+            f.sync()
+        self._journal_append({**entry, CHECKSUM_KEY: {name: rows_crc32(v) for name, v in values.items()}})
 
     def mark_failed(self, indices: int | Sequence[int], error: str) -> None:
         """Record inputs `indices` as failed with `error`; their responses rows become NaN.
@@ -379,11 +536,9 @@ class ResponseWriter:
         idx = self._check_pending([indices] if isinstance(indices, (int, np.integer)) else indices)
         if idx.size == 0:
             return
-        for arr in self.arrays.values():
-            arr[idx] = np.nan
-            arr.flush()
         error = str(error)
-        self._journal_append({"rows": idx.tolist(), "status": "failed", "error": error})
+        nan = {name: np.full((idx.size, width), np.nan, np.float32) for name, width in self.columns.items()}
+        self._store(idx, nan, {"rows": idx.tolist(), "status": "failed", "error": error})
         self._status[idx] = 2
         for r in idx.tolist():
             self._errors[r] = error
@@ -398,7 +553,7 @@ class ResponseWriter:
             for i, (p, s) in enumerate(zip(self.paths, self._status))
         ]
 
-    def finish(self, run_info: dict | None = None) -> dict:
+    def finish(self, run_info: dict | None = None, checked_files: Sequence[str | os.PathLike] = ()) -> dict:
         """Write `manifest.csv` and `run.json` (atomically), then close the writer.
 
         Every input must have been written or marked failed. Re-running a finished job finds
@@ -407,6 +562,8 @@ class ResponseWriter:
         Args:
           run_info: JSON-able facts about this run (versions, start/end time, throughput,
             batch size, device, ...); merged over run_config in run.json.
+          checked_files: files in OUT written beside the arrays (the NIfTIs, CSVs) whose
+            CRC-32 run.json records (`file_crc32`, with manifest.csv's), for `verify`.
         Returns:
           the dict written to run.json.
         """
@@ -414,13 +571,19 @@ class ResponseWriter:
         if left:
             raise ValueError(f"{len(left)} inputs still pending (first: {left[:5]}); "
                              "write or mark_failed them before finish()")
-        for arr in self.arrays.values():
-            arr.flush()
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(MANIFEST_COLUMNS)
         w.writerows(self.manifest_rows())
-        atomic_write_text(self.out_dir / MANIFEST_FILE, buf.getvalue())
+        try:
+            atomic_write_text(self.out_dir / MANIFEST_FILE, buf.getvalue())
+        except OSError as exc:
+            self._stop_on_full_disk(exc, MANIFEST_FILE)
+            raise
+        checksums = {}
+        for name in (MANIFEST_FILE, *checked_files):
+            rel = Path(name).relative_to(self.out_dir) if Path(name).is_absolute() else Path(name)
+            checksums[rel.as_posix()] = file_crc32(self.out_dir / rel)
         n_failed = int(np.count_nonzero(self._status == 2))
         run = {
             **self.run_config,
@@ -431,8 +594,13 @@ class ResponseWriter:
             # run_config's n_voxels ({file: width} for several arrays) is kept when present.
             "n_voxels": self.run_config.get("n_voxels", self.n_voxels),
             "arrays": self.columns,
+            FILE_CHECKSUMS_KEY: checksums,
         }
-        atomic_write_text(self.out_dir / RUN_FILE, pretty_json(run))
+        try:
+            atomic_write_text(self.out_dir / RUN_FILE, pretty_json(run))
+        except OSError as exc:
+            self._stop_on_full_disk(exc, RUN_FILE)
+            raise
         self.close()
         return run
 
@@ -442,8 +610,8 @@ class ResponseWriter:
             self._journal.close()
             self._journal = None
         if self.arrays is not None:
-            for arr in self.arrays.values():
-                arr.flush()
+            for f in self._files.values():
+                f.close()
             self.arrays = None  # drop the mappings (each closes once unreferenced)
         if self._lock is not None:
             self._lock.close()  # closing the fd drops the flock
@@ -469,11 +637,60 @@ def lock_dir(out: Path) -> BinaryIO | None:
     return f
 
 
-def _create_nan_npy(path: Path, shape: tuple[int, int]) -> np.memmap:
-    """A NaN-filled float32 .npy at `path`, created under a temp name so it appears whole."""
-    with atomic_npy(path, shape) as mm:
-        step = max(1, _FILL_ROWS_BYTES // (4 * shape[1]))
-        for start in range(0, shape[0], step):  # slabs keep dirty pages bounded
-            mm[start:start + step] = np.nan
-            mm.flush()
-    return open_memmap(path, mode="r+")
+def check_room(out: Path, needs: dict[str, int]) -> None:
+    """Refuse, before anything is written, when the files `needs` ({name: bytes}) do not fit in `out`.
+
+    Compares with the free space (statvfs) and the file size limit. A quota that statvfs
+    does not show is caught a moment later by `posix_fallocate`, with the same error.
+    """
+    needs = {name: int(n) for name, n in needs.items() if n > 0}
+    if not needs:
+        return
+    total = sum(needs.values())
+    what = ", ".join(needs) if len(needs) <= 4 else f"{len(needs)} arrays"
+    free = free_bytes(out)
+    if free is not None and total > free:
+        raise out_of_space_error(out, what, total)
+    limit = file_size_limit()
+    if limit is not None and max(needs.values()) > limit:
+        biggest = max(needs, key=needs.get)
+        raise out_of_space_error(out, f"{biggest} (one file of {needs[biggest]:,} bytes)", needs[biggest])
+
+
+def entry_damage(files: dict[str, NpyRows], entry: dict, untrusted: Iterable[str] = ()) -> list[str]:
+    """The arrays whose rows in journal `entry` no longer match the checksums it recorded.
+
+    An array the entry has no checksum for counts as damaged only when it is in `untrusted`
+    (recreated or resized: the rows may be lost, and nothing can show they are not).
+    """
+    recorded = entry.get(CHECKSUM_KEY) or {}
+    bad = []
+    for name, f in files.items():
+        if name in recorded:
+            if f.crc32(entry["rows"]) != recorded[name]:
+                bad.append(name)
+        elif name in untrusted:
+            bad.append(name)
+    return bad
+
+
+def check_entries(files: dict[str, NpyRows], entries: list[dict], untrusted: Iterable[str] = (),
+                  show_progress: bool = False) -> tuple[list[dict], list[tuple[dict, list[str]]]]:
+    """Split journal entries into those whose rows still match their checksums and the others.
+
+    Reads every recorded row of every array once, in entry order, streaming (~64 MB at a
+    time). Returns (kept entries, [(dropped entry, the arrays that did not match)]).
+    """
+    from tqdm.auto import tqdm
+
+    untrusted = set(untrusted)
+    row_bytes = sum(f.row_bytes for f in files.values())
+    total = sum(len(e["rows"]) for e in entries) * row_bytes
+    kept, dropped = [], []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="checking recorded rows", dynamic_ncols=True,
+              disable=not show_progress or total < _VERIFY_BAR_BYTES) as bar:
+        for e in entries:
+            bad = entry_damage(files, e, untrusted)
+            (dropped.append((e, bad)) if bad else kept.append(e))
+            bar.update(len(e["rows"]) * row_bytes)
+    return kept, dropped

@@ -210,6 +210,46 @@ def test_a_different_job_into_the_same_out_is_refused(env, inputs, whole, capsys
     assert (out / "responses.npy").read_bytes() == before
 
 
+def test_verify_then_encode_again_repairs_a_damaged_folder(env, inputs, whole, tmp_path, capsys):
+    src = whole[2]
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    code, stdout, _ = run_cli(capsys, ["verify", out, "-q"])
+    assert code == 0 and "match the checksums in run.json: manifest.csv, responses.nii.gz" in stdout, stdout
+    row = next(int(r["row"]) for r in manifest(out) if r["path"].endswith("good1.mp4"))
+    with open(out / "responses.npy", "r+b") as f:  # 4 bytes of good1's row
+        f.seek(128 + row * N_VOX * 4 + 4000)
+        f.write(b"\x7f\x7f\x7f\x7f")
+    nii = (out / "responses.nii.gz").read_bytes()
+    (out / "responses.nii.gz").write_bytes(nii[: len(nii) // 2])
+    code, stdout, _ = run_cli(capsys, ["verify", out, "-q"])
+    assert code == 1
+    # rows: 0 corrupt.mp4, 1 good0, 2 good1, ...; good0 and good1 went in one batch of 2
+    assert row == 2 and "  responses.npy: rows 1-2: do not match the checksum recorded when they were written" \
+        in stdout, stdout
+    assert "  responses.nii.gz: changed since the run finished" in stdout
+    # the same encode command checks, recomputes that batch and rewrites the NIfTI
+    code, stdout, err = run_cli(capsys, encode_argv(env, inputs, out, "--nifti"))
+    assert code == 1  # the bad inputs fail again, as in the first run
+    assert f"berg-jax: {out}: responses.npy: rows " in err and "computing them again" in err
+    for name in ("responses.npy", "manifest.csv", "responses.nii.gz"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert run_cli(capsys, ["verify", out, "-q"])[0] == 0
+
+
+def test_a_full_disk_is_a_one_line_config_error(env, inputs, tmp_path, capsys, monkeypatch):
+    import berg_jax.writer
+
+    monkeypatch.setattr(berg_jax.writer, "free_bytes", lambda out: 1000)
+    out = tmp_path / "full"
+    code, _, err = run_cli(capsys, encode_argv(env, inputs, out))
+    assert code == 2 and err.count("\n") == 1
+    need = 128 + 11 * N_VOX * 4
+    assert err.startswith(f"berg-jax encode: error: no room in {out} for responses.npy ({need:,} bytes needed; "
+                          "1,000 bytes free"), err
+    assert not (out / "responses.npy").exists() and not list(out.glob(".*berg-tmp-*"))
+
+
 def test_usage_and_config_errors_are_one_line_exit_2(env, inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     (tmp_path / "empty").mkdir()

@@ -6,6 +6,7 @@
                     [--precision highest|tf32|bf16]
                     [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
     berg-jax merge OUT                      (after `encode --distributed`)
+    berg-jax verify OUT                     (check OUT's files against its journal)
     berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N|N,N,...|all --out OUT
     berg-jax optimize --berg-dir DIR --subject N --roi NAME --out DIR
     berg-jax fetch  --berg-dir DIR --subjects N [N ...] [--s3d | --no-s3d]
@@ -18,7 +19,7 @@ still processed and the failures are listed; 2 a usage or configuration error (o
 naming the input and the fix, no traceback); 130 interrupted (Ctrl-C): re-running the
 same command resumes.
 
-One module per verb (`encode`, `merge`, `responses`, `optimize`, `fetch`, `info`, `convert`,
+One module per verb (`encode`, `merge`, `verify`, `responses`, `optimize`, `fetch`, `info`, `convert`,
 `demo`), each with `add_parser(sub)` and its `cmd_*`; what several share is in `common`.
 The verbs do not import each other; `build_parser` wires them.
 """
@@ -31,7 +32,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from berg_jax.cli import convert, demo, encode, fetch, info, merge, optimize, responses
+from berg_jax.cli import convert, demo, encode, fetch, info, merge, optimize, responses, verify
 from berg_jax.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from berg_jax.errors import BERGError, DownloadError, UsageError
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode_parser = encode.add_parser(sub)
     merge.add_parser(sub)
+    verify.add_parser(sub)
     optimize.add_parser(sub)
     responses.add_parser(sub)
     fetch.add_parser(sub)
