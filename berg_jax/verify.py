@@ -38,8 +38,8 @@ from berg_jax.writer import (
     MANIFEST_FILE,
     PROGRESS_FILE,
     RUN_FILE,
+    iter_journal,
     job_fingerprint,
-    read_journal,
 )
 
 __all__ = ["Problem", "Report", "check_job_folder", "verify_folder"]
@@ -136,25 +136,58 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
     report.n_rows += n
     report.arrays += [prefix + a for a in arrays if prefix + a not in report.arrays]
 
-    # ---- progress.jsonl: readable, every row once
+    # ---- the arrays: header and size
+    files: dict[str, NpyRows] = {}
+    for name, width in arrays.items():
+        state = inspect_npy(folder / name, (n, width))
+        if state.kind != "ok":
+            problem(name, state.detail)
+        if state.kind in ("ok", "wrong_size"):  # a wrong-size file's rows inside it can still be checked
+            files[name] = NpyRows(folder / name, (n, width))
+
+    # ---- progress.jsonl, streamed: every batch's rows against its checksums, every row once
     journal = folder / PROGRESS_FILE
-    entries, good_end = read_journal(journal, n)
     size = journal.stat().st_size if journal.exists() else 0
-    if not journal.exists():
-        problem(PROGRESS_FILE, "missing: no row is known to be done")
-    elif good_end != size:
-        line = journal.read_bytes()[:good_end].count(b"\n") + 1
-        problem(PROGRESS_FILE, f"unreadable from line {line} (byte {good_end:,} of {size:,}): the rows "
-                               "recorded after it are not known to be done")
     status = np.zeros(n, np.uint8)  # 0 unrecorded, 1 ok, 2 failed
     claims = np.zeros(n, np.uint16)
     errors: dict[int, str] = {}
-    for e in entries:
-        rows = np.asarray(e["rows"], np.int64)
-        np.add.at(claims, rows, 1)
-        status[rows] = 1 if e["status"] == "ok" else 2
-        if e["status"] == "failed":
-            errors.update((int(r), e["error"]) for r in rows)
+    damaged: dict[tuple[str, str], list[int]] = defaultdict(list)
+    good_end = 0
+    try:
+        with tqdm(total=size, unit="B", unit_scale=True, dynamic_ncols=True, disable=not show_progress,
+                  desc=f"verifying {prefix.rstrip('/') or folder.name} (journal)") as bar:
+            for e, end in iter_journal(journal, n):
+                bar.update(end - good_end)
+                good_end = end
+                rows = np.asarray(e["rows"], np.int64)
+                np.add.at(claims, rows, 1)
+                status[rows] = 1 if e["status"] == "ok" else 2
+                if e["status"] == "failed":
+                    errors.update((int(r), e["error"]) for r in rows)
+                recorded = e.get(CHECKSUM_KEY) or {}
+                if not recorded:
+                    report.n_unverified_rows += len(rows)
+                    continue
+                report.n_checked_rows += len(rows)
+                for name, f in files.items():
+                    if name not in recorded:
+                        continue
+                    crc = f.crc32(e["rows"])
+                    if crc is None:
+                        damaged[name, "cut off: the file ends before them"] += e["rows"]
+                    elif crc != recorded[name]:
+                        damaged[name, "do not match the checksum recorded when they were written"] += e["rows"]
+    finally:
+        for f in files.values():
+            f.close()
+    if not journal.exists():
+        problem(PROGRESS_FILE, "missing: no row is known to be done")
+    elif good_end != size:
+        line = _count_newlines(journal, good_end) + 1
+        problem(PROGRESS_FILE, f"unreadable from line {line} (byte {good_end:,} of {size:,}): the rows "
+                               "recorded after it are not known to be done")
+    for (name, reason), rows in damaged.items():
+        problem(name, reason, rows)
     twice = np.flatnonzero(claims > 1)
     if twice.size:
         problem(PROGRESS_FILE, "recorded more than once", twice)
@@ -166,43 +199,6 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
             unrecorded)
     report.n_ok += int(np.count_nonzero(status == 1))
     report.n_failed += int(np.count_nonzero(status == 2))
-
-    # ---- the arrays: header and size, then every batch's checksums
-    files: dict[str, NpyRows] = {}
-    for name, width in arrays.items():
-        state = inspect_npy(folder / name, (n, width))
-        if state.kind == "ok":
-            files[name] = NpyRows(folder / name, (n, width))
-            continue
-        problem(name, state.detail)
-        if state.kind == "wrong_size":  # the rows still inside the file can be checked
-            files[name] = NpyRows(folder / name, (n, width))
-    try:
-        damaged: dict[tuple[str, str], list[int]] = defaultdict(list)
-        row_bytes = sum(f.row_bytes for f in files.values())
-        total = sum(len(e["rows"]) for e in entries) * row_bytes
-        with tqdm(total=total, unit="B", unit_scale=True, dynamic_ncols=True, disable=not show_progress,
-                  desc=f"verifying {prefix.rstrip('/') or folder.name}") as bar:
-            for e in entries:
-                recorded = e.get(CHECKSUM_KEY) or {}
-                if not recorded:
-                    report.n_unverified_rows += len(e["rows"])
-                for name, f in files.items():
-                    if name not in recorded:
-                        continue
-                    crc = f.crc32(e["rows"])
-                    if crc is None:
-                        damaged[name, "cut off: the file ends before them"] += e["rows"]
-                    elif crc != recorded[name]:
-                        damaged[name, "do not match the checksum recorded when they were written"] += e["rows"]
-                if recorded:
-                    report.n_checked_rows += len(e["rows"])
-                bar.update(len(e["rows"]) * row_bytes)
-        for (name, reason), rows in damaged.items():
-            problem(name, reason, rows)
-    finally:
-        for f in files.values():
-            f.close()
 
     # ---- manifest.csv and run.json (written at finish)
     if not finished:
@@ -225,6 +221,19 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
             problem(name, f"changed since the run finished (CRC-32 {found:08x}, recorded {int(crc):08x})")
         else:
             report.files.append(prefix + name)
+
+
+def _count_newlines(path: Path, n_bytes: int) -> int:
+    """Newlines in the first `n_bytes` of `path`, read in 1 MB blocks."""
+    count = 0
+    with open(path, "rb") as f:
+        while n_bytes > 0:
+            block = f.read(min(1 << 20, n_bytes))
+            if not block:
+                break
+            count += block.count(b"\n")
+            n_bytes -= len(block)
+    return count
 
 
 def _check_manifest(path: Path, inputs: list[str], status: np.ndarray, errors: dict[int, str], problem) -> None:

@@ -49,7 +49,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -187,37 +187,46 @@ def job_files_present(out: Path, arrays: Iterable[str]) -> list[str]:
 
 
 def read_journal(path: Path, n_inputs: int) -> tuple[list[dict], int]:
-    """The valid journal entries and the byte length they span.
+    """The valid journal entries and the byte length they span (see `iter_journal`)."""
+    entries, good_end = [], 0
+    for entry, good_end in iter_journal(path, n_inputs):
+        entries.append(entry)
+    return entries, good_end
+
+
+def iter_journal(path: Path, n_inputs: int) -> Iterator[tuple[dict, int]]:
+    """(entry, byte offset just past its line) for each valid journal line, read line by line.
 
     Reading stops at the first line that is torn (no trailing newline: killed mid-write), not
     JSON (garbage after power loss) or not a well-formed entry; that line and everything after
-    it count as not written, which only costs recomputing those rows.
+    it count as not written, which only costs recomputing those rows. Nothing is yielded for a
+    missing journal.
     """
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
-        return [], 0
-    entries, good_end, pos = [], 0, 0
-    while True:
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            break
-        try:
-            entry = json.loads(data[pos:nl].decode("utf-8"))
-            rows = entry["rows"]
-            ok = (
-                entry["status"] in ("ok", "failed")
-                and isinstance(rows, list)
-                and all(type(r) is int and 0 <= r < n_inputs for r in rows)
-                and (entry["status"] == "ok" or isinstance(entry.get("error"), str))
-            )
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            break
-        entries.append(entry)
-        pos = good_end = nl + 1
-    return entries, good_end
+        return
+    with f:
+        end = 0
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            try:
+                entry = json.loads(line.decode("utf-8"))
+                rows = entry["rows"]
+                ok = (
+                    entry["status"] in ("ok", "failed")
+                    and isinstance(rows, list)
+                    and all(type(r) is int and 0 <= r < n_inputs for r in rows)
+                    and (entry["status"] == "ok" or isinstance(entry.get("error"), str))
+                    and isinstance(entry.get(CHECKSUM_KEY, {}), dict)
+                )
+            except (ValueError, KeyError, TypeError, AttributeError):
+                ok = False
+            if not ok:
+                return
+            end += len(line)
+            yield entry, end
 
 
 class ResponseWriter:
