@@ -20,9 +20,10 @@ slowest (both observed with jax 0.10 on CPU). Detached, each process is a plain 
 unsaved work. Cloud TPU VMs are the exception (`_keep_runtime`): the TPU runtime spans
 every host of a pod slice anyway, so the runtime stays up, with a long exit barrier.
 
-`shard_inputs` gives process i of n the contiguous block of the (sorted, identical on every
-host) input list with rows [i * len // n, (i + 1) * len // n): disjoint, covering every
-input, deterministic, block sizes differing by at most one. Its results go to a normal
+`shard_inputs` gives process i of n the contiguous block of the input list (identical on
+every host: a folder's sorted listing, or an `--inputs-from` list in its order) with rows
+[i * len // n, (i + 1) * len // n): disjoint, covering every input, deterministic, block
+sizes differing by at most one. Its results go to a normal
 encode output folder OUT/shards/process-IIIII-of-NNNNN/ (see `writer`), plus `shard.json`:
 `{"format", "index", "count", "first_row", "n_rows", "n_inputs", "inputs_sha256"}`, so
 `merge` can check that the shards cover rows 0..n_inputs-1 exactly once, of the same list.

@@ -1,6 +1,8 @@
 """Glass-brain pictures: a response vector, and the model's test accuracy, on MNI152.
 
 Optional: needs the `plot` extra (nilearn + matplotlib), `pip install 'berg-jax[plot]'`.
+`new_figure`, `save_figure` and `require_matplotlib` are shared with `screening_plots`
+(pictures without a brain: matplotlib alone).
 Nothing here is imported by the rest of berg-jax until a picture is asked for, and a
 missing extra raises `PlotDependencyError` with that install line.
 
@@ -31,15 +33,38 @@ __all__ = [
     "PLOT_EXTRA",
     "PlotDependencyError",
     "accuracy_maps",
+    "new_figure",
     "plot_accuracy",
     "plot_response",
+    "require_matplotlib",
     "require_plotting",
     "response_image",
+    "save_figure",
 ]
 
 
 class PlotDependencyError(BERGError, ImportError):
     """nilearn or matplotlib (the `plot` extra) is not installed."""
+
+
+def require_matplotlib() -> Any:
+    """Import matplotlib (on Agg when headless), or raise.
+
+    For pictures that need no brain template (`screening_plots`); `require_plotting` adds nilearn.
+    Returns:
+      the `matplotlib` module.
+    Raises:
+      PlotDependencyError: with the pip line that installs the `plot` extra.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise PlotDependencyError(f"plotting needs matplotlib: {PLOT_EXTRA}") from exc
+    if "matplotlib.pyplot" not in sys.modules:
+        # Headless by default (servers, CI, the CLI); a session that already imported pyplot
+        # (e.g. a notebook with its inline backend) keeps its backend.
+        matplotlib.use("Agg")
+    return matplotlib
 
 
 def require_plotting() -> Any:
@@ -50,14 +75,7 @@ def require_plotting() -> Any:
     Raises:
       PlotDependencyError: with the pip line that installs the `plot` extra.
     """
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise PlotDependencyError(f"plotting needs matplotlib and nilearn: {PLOT_EXTRA}") from exc
-    if "matplotlib.pyplot" not in sys.modules:
-        # Headless by default (servers, CI, the CLI); a session that already imported pyplot
-        # (e.g. a notebook with its inline backend) keeps its backend.
-        matplotlib.use("Agg")
+    require_matplotlib()
     try:
         from nilearn import plotting
     except ImportError as exc:
@@ -99,7 +117,11 @@ def _plot_image(values: np.ndarray, sub_mask: np.ndarray, affine: np.ndarray,
     return nib.Nifti1Image(np.nan_to_num(np.asarray(img.dataobj), nan=0.0), img.affine)
 
 
-def _save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    """Render `fig` as a PNG at `dpi` and write it to `path` atomically (parent folders made).
+
+    The PNG is rendered in memory first: a failure while drawing leaves `path` as it was.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     path = Path(path)
@@ -108,7 +130,11 @@ def _save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
     return path
 
 
-def _new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure of width x height inches with its own Agg canvas (no pyplot).
+
+    Call `require_matplotlib` (or `require_plotting`) first.
+    """
     # A bare Figure with an Agg canvas, not pyplot: nothing global to close, thread-safe.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -155,15 +181,15 @@ def plot_response(
     response = np.asarray(response, dtype=np.float32)
     img = _plot_image(response, sub_mask, affine, selected_indices)
     vmax = _finite_limit(response)
-    fig = _new_figure(8.0, 3.2)
+    fig = new_figure(8.0, 3.2)
     plotting.plot_glass_brain(
         img, figure=fig, display_mode="lyrz", colorbar=True, plot_abs=False,
         symmetric_cbar=True, vmin=-vmax, vmax=vmax, threshold=0.25 * vmax, cmap="cold_hot",
         title=title, annotate=True, black_bg=False,
     )
-    # The figure is not registered with pyplot (see _new_figure): saving it is all; it is
+    # The figure is not registered with pyplot (see new_figure): saving it is all; it is
     # freed with its last reference, and nilearn's display.close() (plt.close) must not run.
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def accuracy_maps(metadata: Mapping) -> dict[str, np.ndarray]:
@@ -216,7 +242,7 @@ def plot_accuracy(
         ("r2", f"{who}test accuracy, r\u00b2 (squared Pearson r)"),
         ("explained_variance", f"{who}explained variance, % of the noise ceiling"),
     ]
-    fig = _new_figure(8.0, 6.4)
+    fig = new_figure(8.0, 6.4)
     for i, (key, title) in enumerate(panels):
         img = _plot_image(maps[key], sub_mask, affine)
         ax = fig.add_subplot(2, 1, i + 1)
@@ -226,4 +252,4 @@ def plot_accuracy(
             threshold=1e-6, cmap="afmhot_r",
             title=title, annotate=True, black_bg=False,
         )
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -49,11 +50,12 @@ from typing import Any
 import numpy as np
 
 from berg_jax.atomic import atomic_open
-from berg_jax.errors import InvalidParameterError, VideoReadError
+from berg_jax.errors import InvalidParameterError, UsageError, VideoReadError
 from berg_jax.frames import N_FRAMES, sample_frame_indices
 
 __all__ = [
-    "VIDEO_EXTENSIONS", "list_videos", "prefetch_clips", "read_clip", "available_backends", "pyav_reason",
+    "VIDEO_EXTENSIONS", "list_videos", "prefetch_clips", "read_clip", "read_input_list", "available_backends",
+    "pyav_reason",
 ]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
@@ -594,6 +596,63 @@ def list_videos(paths: Iterable[str | os.PathLike]) -> list[str]:
             found += [os.path.join(root, f) for f in files if f.lower().endswith(VIDEO_EXTENSIONS)]
         out += sorted(found)
     return out
+
+
+def read_input_list(source: str | os.PathLike) -> list[str]:
+    """The video paths of a list file, one a line, in the list's order (`encode --inputs-from`).
+
+    Built for screening lists of millions of paths on shared storage: the file is read
+    line by line (never whole into memory twice), and no path is looked at -- no stat, no
+    folder walk -- so a path that is missing or is a folder fails later, per file, in
+    manifest.csv like any bad input.
+
+    Each line is one path, byte for byte, but for its line ending ("\\n", "\\r\\n"):
+    spaces are part of the path. Skipped: empty lines, lines of whitespace only, and lines
+    whose first character is "#" (comments; a file whose name starts with "#" is listed
+    as ./#name). Relative paths stay relative and are opened from the current directory,
+    as a shell would open them, and recorded as written (job.json, manifest.csv). Bytes
+    that are not valid UTF-8 (or the file system's encoding) are kept, as Python keeps
+    such file names (`os.fsdecode`, surrogateescape), so the file opens all the same.
+
+    Args:
+      source: the list file, or "-" for standard input.
+    Returns:
+      list[str], the paths in the list's order, duplicates kept.
+    Raises:
+      UsageError: the list file is missing, unreadable, a folder, or lists no path.
+    """
+    name = "standard input" if os.fspath(source) == "-" else os.fspath(source)
+    paths: list[str] = []
+    n_lines = 0
+    try:
+        if os.fspath(source) == "-":
+            stream = sys.stdin.buffer
+            close = False
+        else:
+            stream = open(source, "rb")
+            close = True
+        try:
+            for raw in stream:
+                n_lines += 1
+                line = raw.rstrip(b"\n").removesuffix(b"\r")
+                if not line.strip() or line.startswith(b"#"):
+                    continue
+                paths.append(os.fsdecode(line))
+        finally:
+            if close:
+                stream.close()
+    except FileNotFoundError:
+        raise UsageError(f"input list {name}: no such file; write one video path a line "
+                         "(or give - to read the list from standard input)") from None
+    except IsADirectoryError:
+        raise UsageError(f"input list {name}: is a folder; give the folder itself as an input, "
+                         "or a text file with one video path a line") from None
+    except OSError as exc:
+        raise UsageError(f"input list {name}: cannot be read ({exc.strerror or exc})") from None
+    if not paths:
+        what = "is empty" if n_lines == 0 else f"has {n_lines} lines but no path (all blank or # comments)"
+        raise UsageError(f"input list {name} {what}; write one video path a line")
+    return paths
 
 
 def _read_one(read: Callable[..., np.ndarray], path: str, kwargs: dict[str, Any]) -> np.ndarray | str:

@@ -1,9 +1,9 @@
 """`berg-jax`: the command line. Thin: parse, call the library, report.
 
-    berg-jax encode VIDEO_OR_FOLDER... --berg-dir DIR --subject N|N,N,...|all [--components]
-                    [--roi NAME | --voxels MASK.npy] --out OUT [--batch-size B] [--nifti]
-                    [--pad-short] [--plot] [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
-                    [--precision highest|tf32|bf16]
+    berg-jax encode (VIDEO_OR_FOLDER... | --inputs-from LIST|-) --berg-dir DIR
+                    --subject N|N,N,...|all [--components] [--roi NAME | --voxels MASK.npy]
+                    --out OUT [--batch-size B] [--nifti] [--pad-short] [--plot] [--s3d-weights PTH]
+                    [--device auto|cpu|gpu|tpu] [--precision highest|tf32|bf16]
                     [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
     berg-jax merge OUT                      (after `encode --distributed`)
     berg-jax verify OUT                     (check OUT's files against its journal)

@@ -32,8 +32,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                     "(float32, row i = input i, NaN rows for failed inputs), manifest.csv "
                     "(path,row,status,error), run.json, and optionally responses.nii.gz and plots/. "
                     "An interrupted run resumes when the same command is run again.")
-    p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER",
-                   help="video files, or folders searched recursively for video files")
+    p.add_argument("inputs", nargs="*", metavar="VIDEO_OR_FOLDER",
+                   help="video files, or folders searched recursively for video files "
+                        "(or none, with --inputs-from)")
+    p.add_argument("--inputs-from", metavar="LIST",
+                   help="read the video paths from LIST, one a line, in its order (- : standard "
+                        "input); blank lines and lines starting with # are skipped, nothing is "
+                        "looked up until it is read. Instead of VIDEO_OR_FOLDER arguments")
     add_model_args(p, subject_help="BMD subject 1..10, several (1,2,3), or all: S3D runs once for "
                                    "all of them; one responses_sub-SS.npy each")
     p.add_argument("--components", action="store_true",
@@ -98,16 +103,26 @@ def run_encode(args: argparse.Namespace) -> dict:
     from berg_jax import distributed
     from berg_jax.api import BERG
     from berg_jax.pipeline import encode_files
-    from berg_jax.video import VIDEO_EXTENSIONS, list_videos
+    from berg_jax.video import VIDEO_EXTENSIONS, list_videos, read_input_list
 
     subject = parse_subject_arg(args.subject)
     if subject is None and not args.components:
         raise UsageError("give --subject N (or several: 1,2,3, or all), and/or --components")
     if subject is None and (args.roi or args.voxels or args.nifti or args.plot):
         raise UsageError("--roi/--voxels/--nifti/--plot are about responses: give --subject N too")
+    if args.inputs_from is not None and args.inputs:
+        # One source for the row order: a list and extra arguments would leave it to guesswork.
+        raise UsageError(f"give either VIDEO_OR_FOLDER arguments or --inputs-from {args.inputs_from}, "
+                         "not both: add the other paths to the list")
+    if args.inputs_from is None and not args.inputs:
+        raise UsageError("give video files or folders to encode, or --inputs-from LIST "
+                         "(one video path a line)")
     # Before any JAX work: jax.distributed must start first. None without --distributed.
     shard = distributed.setup(args)
-    paths = list_videos(args.inputs)
+    if args.inputs_from is not None:
+        paths = read_input_list(args.inputs_from)  # as listed: no folder walk, no stat
+    else:
+        paths = list_videos(args.inputs)
     if not paths:
         raise UsageError(
             f"no video files found in {' '.join(args.inputs)}; pass video files or folders "
