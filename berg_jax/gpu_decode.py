@@ -65,6 +65,7 @@ __all__ = [
     "device_platform",
     "nvdec_fallback_reason",
     "nvdec_import_error",
+    "prefetch_clips",
     "probe_stream",
     "resolve_decoder",
     "stream_fallback_reason",
@@ -670,3 +671,58 @@ class DecodePool:
                 fut.set_result(self._cpu_decode(path, exc.reason))
         except Exception as exc:  # noqa: BLE001 - a reader bug must not lose the file
             fut.set_result(self._cpu_decode(path, f"NVDEC reader raised {_one_line(exc)}"))
+
+
+# --------------------------------------------------------------------------- batches for the main job
+
+
+def prefetch_clips(
+    paths: list[str],
+    batch_size: int,
+    *,
+    gpu_threads: int = DEFAULT_GPU_THREADS,
+    cpu_threads: int = 0,
+    queue_size: int = 2,
+    skip: set[int] | frozenset[int] | None = None,
+    routes: dict[int, tuple[str, str | None]] | None = None,
+    gpu_id: int = 0,
+    make_reader: Callable[[int], Any] | None = None,
+    **read_kwargs: Any,
+) -> Any:
+    """`video.prefetch_clips`' contract with a `DecodePool`: NVDEC threads beside CPU threads.
+
+    Yields (indices, clips, errors) batches in input order, `queue_size` batches decoded
+    ahead; a clip is a jax.Array on the GPU where NVDEC decoded it, a numpy array where a
+    CPU thread did (`pipeline` stacks either). `routes`, when given, is filled with
+    {index: (decoder "gpu"/"cpu", why NVDEC did not take it or None)} for every file
+    decoded. Closing the generator cancels what has not started and joins the threads.
+
+    Args:
+      gpu_threads, cpu_threads: `--decoder gpu` is (n, 0); `both` is (n, m): one queue.
+      make_reader: `make_reader(gpu_id)` -> a reader per NVDEC thread (default `GpuClipReader`).
+      read_kwargs: n_frames, pad_short (the CPU reader's; NVDEC takes n_frames).
+    """
+    if batch_size < 1:
+        raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}")
+    skip = skip or frozenset()
+    todo = [i for i in range(len(paths)) if i not in skip]
+    batches = iter([todo[s: s + batch_size] for s in range(0, len(todo), batch_size)])
+    pool = DecodePool(gpu_threads, cpu_threads, gpu_id=gpu_id, make_reader=make_reader or GpuClipReader,
+                      **read_kwargs)
+    return _prefetch(paths, batches, pool, queue_size, routes)
+
+
+def _prefetch(paths: list[str], batches: Any, pool: DecodePool, queue_size: int,
+              routes: dict[int, tuple[str, str | None]] | None) -> Any:
+    # A separate generator so that argument errors raise at the call, not at first next().
+    from berg_jax.video import batches_in_order
+
+    try:
+        # The pool's futures resolve to Decoded (or a failure message, which batches_in_order
+        # sorts into errors); unwrap each clip here, noting who decoded it.
+        for indices, decoded, errors in batches_in_order(paths, batches, pool.submit, queue_size):
+            if routes is not None:
+                routes.update((i, (d.decoder, d.fallback)) for i, d in zip(indices, decoded))
+            yield indices, [d.clip for d in decoded], errors
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -117,14 +117,15 @@ def _weights_fingerprint(model: EncodingModel) -> str:
     return h.hexdigest()[:16]
 
 
-def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
+def job_config(model: EncodingModel, pad_short: bool = False, decoder: str = "cpu") -> dict:
     """The run_config of a job: exactly the settings that change the values written.
 
     A resume with a different run_config is refused (`writer.OutputDirError`); batch
     size, device, decode threads and timings may change between attempts and go to
     run.json's run_info instead. `pad_short` is part of the job because it turns a failed
     row into values; the weights fingerprint catches the same command pointed at other
-    weights (e.g. the demo's synthetic ones).
+    weights (e.g. the demo's synthetic ones); `decoder` ("cpu" | "gpu" | "both", resolved)
+    because NVDEC's pixels differ from the CPU readers' by up to 2 levels.
     """
     files = output_files(model)
     config = {
@@ -142,6 +143,9 @@ def job_config(model: EncodingModel, pad_short: bool = False) -> dict:
         # tf32/bf16 rows differ from highest ones (on accelerators): never mixed in one OUT.
         # Absent for "highest", so folders written before precision was a choice still resume.
         config["precision"] = model.precision
+    if decoder != "cpu":
+        # Absent for "cpu", so folders written before the choice existed still resume.
+        config["decoder"] = decoder
     return config
 
 
@@ -177,7 +181,7 @@ def _group_by_size(
         nonlocal n_waiting
         group = waiting.pop(shape)
         n_waiting -= len(group)
-        return [i for i, _ in group], np.stack([c for _, c in group])
+        return [i for i, _ in group], stack_clips([c for _, c in group])
 
     for indices, clips, errors in batches:
         if errors:
@@ -192,6 +196,16 @@ def _group_by_size(
             yield take(next(iter(waiting)))  # dicts keep insertion order: the oldest group
     while waiting:
         yield take(next(iter(waiting)))
+
+
+def stack_clips(clips: list[Any]) -> Any:
+    """(14, H, W, 3) clips -> (n, 14, H, W, 3): numpy on the host, or a jax.Array on the
+    device where any clip is one already (NVDEC's): the host clips then go over, not the GPU's back."""
+    if any(isinstance(c, jax.Array) for c in clips):
+        import jax.numpy as jnp
+
+        return jnp.stack([jnp.asarray(c) for c in clips])
+    return np.stack(clips)
 
 
 # --------------------------------------------------------------------------- the job
@@ -209,6 +223,8 @@ def encode_files(
     show_progress: bool = True,
     decode_threads: int = 2,
     decode_workers: int | None = None,
+    decoder: str = "auto",
+    gpu_decode_threads: int | None = None,
 ) -> dict:
     """Encode video files into OUT: responses.npy, manifest.csv, run.json (+ NIfTI, plots).
 
@@ -238,11 +254,18 @@ def encode_files(
       decode_workers: video decoding worker processes (`decode_workers.prefetch_clips`);
         default `decode_workers.default_decode_workers()` (the usable cores less 2, at
         least 1); 0 decodes in decode_threads threads of this process instead.
+      decoder: "auto" (default: "both" on an NVIDIA GPU with the `gpu-decode` extra, else
+        "cpu"), "cpu", "gpu" (NVDEC threads; files NVDEC does not take go to the CPU reader,
+        with the reason in run.json) or "both" (NVDEC threads and decode_threads CPU
+        threads on one queue); see `gpu_decode`. "gpu"/"both" are part of the job.
+      gpu_decode_threads: NVDEC threads (default `gpu_decode.DEFAULT_GPU_THREADS`).
     Returns:
       run.json's content plus "out_dir", "outputs" ({name: path}) and "failed" ([(path, reason)]).
     Raises:
       OutputDirError: OUT holds another job, or is in use.
-      InvalidParameterError: no paths, batch_size / decode_threads < 1, or decode_workers < 0.
+      InvalidParameterError: no paths, batch_size / decode_threads < 1, decode_workers < 0,
+        or decoder "gpu"/"both" without an NVIDIA GPU or PyNvVideoCodec (before anything
+        is written).
       ModelLoadError: nifti/plot and the subject's metadata file is missing.
       plots.PlotDependencyError: plot without nilearn/matplotlib.
     Failures of single videos are never raised: they are recorded in manifest.csv.
@@ -262,6 +285,12 @@ def encode_files(
         decode_workers = default_decode_workers()
     if decode_workers < 0:
         raise InvalidParameterError(f"decode_workers must be >= 0 (0: threads), got {decode_workers}")
+    from berg_jax.gpu_decode import DEFAULT_GPU_THREADS, device_platform, resolve_decoder
+
+    decoder = resolve_decoder(decoder, device_platform(model.device))
+    gpu_decode_threads = DEFAULT_GPU_THREADS if gpu_decode_threads is None else int(gpu_decode_threads)
+    if decoder != "cpu" and gpu_decode_threads < 1:
+        raise InvalidParameterError(f"gpu_decode_threads must be >= 1, got {gpu_decode_threads}")
     bs = model.batch_size
     out = Path(out_dir)
 
@@ -281,12 +310,12 @@ def encode_files(
         plots.require_plotting()
     names = output_files(model)
     writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
-                                 job_config(model, pad_short), show_progress=show_progress)
+                                 job_config(model, pad_short, decoder), show_progress=show_progress)
     for note in writer.repairs:  # a resume that found damage says what it computes again, and why
         print(f"berg-jax: {out}: {note}", file=sys.stderr, flush=True)
     try:
         stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads,
-                                decode_workers)
+                                decode_workers, decoder, gpu_decode_threads)
         files = {("responses" if f == RESPONSES_FILE else f[: -len(".npy")]): out / f
                  for f in names.values()}
         files.update({"manifest": out / MANIFEST_FILE, "run": out / RUN_FILE})
@@ -316,6 +345,7 @@ def encode_files(
             "batch_size": bs,
             "decode_threads": decode_threads,
             "decode_workers": decode_workers,
+            "decoder": decoder,
             "precision": str(model.precision),
             "outputs": {k: str(v) for k, v in files.items()},
             **stats,
@@ -358,6 +388,8 @@ def _encode_pending(
     show_progress: bool,
     decode_threads: int,
     decode_workers: int = 0,
+    decoder: str = "cpu",
+    gpu_decode_threads: int = 1,
 ) -> dict:
     """Compute every pending row; returns this attempt's counts and timings for run.json."""
     from tqdm.auto import tqdm
@@ -381,7 +413,14 @@ def _encode_pending(
 
     names = output_files(model)
 
-    if decode_workers:
+    routes: dict[int, tuple[str, str | None]] = {}  # NVDEC runs: index -> (decoder, fallback reason)
+    if decoder != "cpu":
+        from berg_jax import gpu_decode
+
+        decoded = gpu_decode.prefetch_clips(
+            paths, bs, gpu_threads=gpu_decode_threads, cpu_threads=decode_threads if decoder == "both" else 0,
+            queue_size=2, skip=skip, routes=routes, gpu_id=getattr(model.device, "id", 0), pad_short=pad_short)
+    elif decode_workers:
         decoded = prefetch_clips_in_processes(paths, bs, read=read_clip, num_workers=decode_workers,
                                               queue_size=2, skip=skip, pad_short=pad_short)
     else:
@@ -438,7 +477,19 @@ def _encode_pending(
         "seconds": round(seconds, 3),
         "first_result_seconds": None if first_result_s is None else round(first_result_s, 3),
         "videos_per_s": round(n_run / seconds, 4) if seconds > 0 and n_run else 0.0,
+        **({"decoded_by": decoded_by(routes)} if decoder != "cpu" else {}),
     }
+
+
+def decoded_by(routes: dict[int, tuple[str, str | None]]) -> dict:
+    """run.json's account of an NVDEC run: files per decoder and why NVDEC left files to the CPU."""
+    counts = {"gpu": 0, "cpu": 0}
+    reasons: dict[str, int] = {}
+    for who, why in routes.values():
+        counts[who] = counts.get(who, 0) + 1
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+    return {**counts, "cpu_because": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def _draw_plots(writer: ResponseWriter, model: EncodingModel, metadata: dict,

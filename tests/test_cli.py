@@ -237,6 +237,16 @@ def test_verify_then_encode_again_repairs_a_damaged_folder(env, inputs, whole, t
     assert run_cli(capsys, ["verify", out, "-q"])[0] == 0
 
 
+@pytest.mark.parametrize("choice", ["gpu", "both"])
+def test_decoder_gpu_on_a_machine_without_nvidia_stops_at_once(env, inputs, tmp_path, capsys, choice):
+    out = tmp_path / "nvdec"
+    code, stdout, err = run_cli(capsys, encode_argv(env, inputs, out, "--decoder", choice))
+    assert code == 2 and err.count("\n") == 1 and stdout == ""
+    assert err == (f"berg-jax encode: error: --decoder {choice} decodes with NVDEC, which needs an NVIDIA GPU as "
+                   "the compute device (here: cpu); use --decoder cpu\n")
+    assert not out.exists()
+
+
 def test_a_full_disk_is_a_one_line_config_error(env, inputs, tmp_path, capsys, monkeypatch):
     import berg_jax.writer
 

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,69 @@ def test_group_by_size_caps_waiting_clips():
 def test_plot_file_name():
     assert pipeline.plot_file_name("/x/my clip.mp4", 3, 10) == "000003_my_clip.png"
     assert volumes.volume_file_name("/x/my clip.mp4", 3, 10) == "000003_my_clip.nii.gz"
+
+
+# --------------------------------------------------------------------------- --decoder
+
+
+class FakeNvdec:
+    """Stands in for `gpu_decode.GpuClipReader` on CPU: decodes the 'a*' files into jax
+    arrays (as NVDEC hands over its frames) and refuses the others, as NVDEC refuses a file."""
+
+    def __init__(self, gpu_id: int) -> None:
+        self.gpu_id = gpu_id
+
+    def read(self, path, n_frames=14):
+        import jax.numpy as jnp
+
+        from berg_jax.gpu_decode import NvdecFallback
+
+        if not Path(path).name.startswith("a"):
+            raise NvdecFallback(path, "fake NVDEC takes only a*")
+        return jnp.asarray(read_clip(path, n_frames=n_frames))
+
+
+@pytest.mark.parametrize("choice", ["both", "gpu"])
+def test_nvdec_beside_the_cpu_gives_the_cpu_runs_rows(run, model, videos, tmp_path, monkeypatch, choice):
+    from berg_jax import gpu_decode
+
+    monkeypatch.setattr(gpu_decode, "resolve_decoder", lambda c, platform: c)  # as on an NVIDIA GPU
+    monkeypatch.setattr(gpu_decode, "GpuClipReader", FakeNvdec)
+    out = tmp_path / choice
+    summary = encode_files(model, videos, out, show_progress=False, decoder=choice, gpu_decode_threads=2)
+    _, ref = run
+    # the same pixels, stacked on the device for the NVDEC clips: the same rows, bit for bit
+    assert (out / "responses.npy").read_bytes() == (ref / "responses.npy").read_bytes()
+    assert (out / "manifest.csv").read_bytes() == (ref / "manifest.csv").read_bytes()
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["decoder"] == choice and summary["decoder"] == choice
+    by = run_json["decoded_by"]
+    if choice == "gpu":  # a0..a3 by "NVDEC"; b0, b1 handed to the CPU reader with the reason
+        assert by == {"gpu": 4, "cpu": 2, "cpu_because": {"fake NVDEC takes only a*": 2}}
+    else:  # CPU threads take files from the same queue too: who got which is a race
+        assert by["gpu"] + by["cpu"] == 6 and by["gpu"] <= 4
+        assert set(by["cpu_because"]) <= {"fake NVDEC takes only a*"}
+    assert json.loads((out / "job.json").read_text())["run_config"]["decoder"] == choice
+    # another decoder is another job (NVDEC's pixels differ by up to 2 levels): refused
+    with pytest.raises(OutputDirError, match="decoder"):
+        encode_files(model, videos, out, show_progress=False, decoder="cpu")
+
+
+def test_decoder_gpu_without_nvidia_stops_before_writing(model, videos, tmp_path):
+    for choice in ("gpu", "both"):
+        with pytest.raises(InvalidParameterError, match=f"--decoder {choice} decodes with NVDEC, which needs an "
+                                                        "NVIDIA GPU"):
+            encode_files(model, videos, tmp_path / "out", show_progress=False, decoder=choice)
+    assert not (tmp_path / "out").exists()
+    # auto is the CPU here, and the job is the same as before the choice existed
+    assert "decoder" not in pipeline.job_config(model)
+
+
+def test_stack_clips_keeps_device_clips_on_the_device():
+    import jax.numpy as jnp
+
+    host = [np.full((14, 4, 6, 3), i, np.uint8) for i in range(3)]
+    stacked = pipeline.stack_clips(host)
+    assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 14, 4, 6, 3)
+    mixed = pipeline.stack_clips([host[0], jnp.asarray(host[1]), host[2]])
+    assert isinstance(mixed, jax.Array) and np.array_equal(np.asarray(mixed), stacked)

@@ -65,6 +65,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=default_decode_threads(), metavar="N",
                    help="video decoding threads with --decode-workers 0 "
                         f"(default: half the CPU cores, 2..8; here {default_decode_threads()})")
+    p.add_argument("--decoder", choices=("auto", "cpu", "gpu", "both"), default="auto",
+                   help="who decodes: cpu (decord/PyAV), gpu (NVDEC, for files it decodes like the CPU; "
+                        "the others go to the CPU), both (NVDEC threads beside --decode-threads CPU "
+                        "threads, one queue). auto (default): both on an NVIDIA GPU with berg-jax[gpu-decode] "
+                        "installed, cpu elsewhere. gpu/both are part of the job (NVDEC's pixels differ by "
+                        "up to 2 levels)")
+    p.add_argument("--gpu-decode-threads", type=int, metavar="N",
+                   help="NVDEC threads with --decoder gpu/both (default 7, one per H100 NVDEC engine)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_distributed_args(p)
     p.set_defaults(func=cmd_encode, run=run_encode, report=print_summary)
@@ -133,6 +141,14 @@ def run_encode(args: argparse.Namespace) -> dict:
         raise UsageError(f"--decode-threads must be at least 1, got {args.decode_threads}")
     if args.decode_workers < 0:
         raise UsageError(f"--decode-workers must be at least 0 (0: decode in threads), got {args.decode_workers}")
+    if args.gpu_decode_threads is not None and args.gpu_decode_threads < 1:
+        raise UsageError(f"--gpu-decode-threads must be at least 1, got {args.gpu_decode_threads}")
+    # Before the model loads (or BERG's files are converted): a --decoder this machine
+    # cannot honour stops the command at once, with nothing written.
+    from berg_jax.api import resolve_device
+    from berg_jax.gpu_decode import device_platform, resolve_decoder
+
+    decoder = resolve_decoder(args.decoder, device_platform(resolve_device(args.device)))
     selection = selection_from_args(args)
     out = args.out
     if shard is not None:  # this process's contiguous block of the inputs, into its own OUT
@@ -143,7 +159,8 @@ def run_encode(args: argparse.Namespace) -> dict:
                                     components=args.components, precision=args.precision)
     return encode_files(model, paths, out, pad_short=args.pad_short, nifti=args.nifti,
                         plot=args.plot, show_progress=not args.quiet,
-                        decode_threads=args.decode_threads, decode_workers=args.decode_workers)
+                        decode_threads=args.decode_threads, decode_workers=args.decode_workers,
+                        decoder=decoder, gpu_decode_threads=args.gpu_decode_threads)
 
 
 def print_summary(summary: dict) -> None:
