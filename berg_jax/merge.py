@@ -41,6 +41,7 @@ from berg_jax.distributed import (
     shard_rows,
 )
 from berg_jax.errors import UsageError
+from berg_jax.roi_means import write_csvs_for_job
 from berg_jax.writer import (
     JOB_FILE,
     MANIFEST_COLUMNS,
@@ -303,6 +304,8 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
         files["responses" if name == RESPONSES_FILE else name[: -len(".npy")]] = out / name
     files["manifest"] = out / MANIFEST_FILE
     files["run"] = out / RUN_FILE
+    # ROI means' CSVs: the function a single-process encode uses, on the merged arrays.
+    files.update(write_csvs_for_job(out, paths, run_config))
 
     # ---- NIfTIs and plots, when the shards have them
     notes: list[str] = []
