@@ -186,7 +186,8 @@ def test_rank_streams_blocks_and_equals_a_full_sort(tmp_path):
     n = 100_000
     v = rng.standard_normal((n, 47)).astype(np.float32)
     v[rng.integers(0, n, 50), :] = np.nan
-    v[10:20, 16] = v[5, 16]  # ties across a block boundary
+    lffa = ROI_NAMES.index("lFFA")
+    v[[5, *range(10, 20)], lffa] = np.nanmax(v[:, lffa]) + 1  # a tie at the top across block boundaries
     folder = tmp_path / "big"
     folder.mkdir()
     np.save(folder / "roi_means_sub-01.npy", v)
@@ -195,7 +196,7 @@ def test_rank_streams_blocks_and_equals_a_full_sort(tmp_path):
     ranking = rank_videos(folder, "lFFA", top=25, bottom=25, batch_rows=7)  # 14,286 blocks
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    col = v[:, ROI_NAMES.index("lFFA")].astype(np.float64)
+    col = v[:, lffa].astype(np.float64)
     ok = np.flatnonzero(~np.isnan(col))
     expect_top = ok[np.lexsort((ok, -col[ok]))][:25]
     expect_bottom = ok[np.lexsort((ok, col[ok]))][:25]
