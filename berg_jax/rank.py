@@ -436,14 +436,14 @@ def ranking_file_name(ranking: Ranking) -> str:
 
 def write_ranking_csv(ranking: Ranking, path: str | os.PathLike) -> Path:
     """The ranking as CSV (atomically): header `end,rank,row,path,value`, the top rows then
-    the bottom rows, values as Python's shortest round-trip repr of the float64."""
+    the bottom rows, values as `%.9g` (a float32 ROI mean round-trips exactly)."""
     import io
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(RANKING_COLUMNS)
     for v in (*ranking.top, *ranking.bottom):
-        w.writerow((v.end, v.rank, v.row, v.path, repr(v.value)))
+        w.writerow((v.end, v.rank, v.row, v.path, "%.9g" % v.value))
     path = Path(path)
     atomic_write_text(path, buf.getvalue())
     return path

@@ -153,6 +153,8 @@ def print_summary(summary: dict) -> None:
             else f"voxel mask ({sel['voxels_count']} voxels)")
     subject = summary["subject"]
     widths = summary["arrays"]
+    if not any(name.startswith("responses") for name in widths):
+        what = "ROI means only" if any(name.startswith("roi_means") for name in widths) else what
     if isinstance(subject, int) and "responses.npy" in widths:
         who = f"subject {subject}, {what}, {widths['responses.npy']} voxels per video"
     elif isinstance(subject, int):
