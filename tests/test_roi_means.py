@@ -222,6 +222,19 @@ def test_rank_errors(tmp_path):
         rank_videos(folder, "lFFA", minus_roi="lFFA", subject=1)
     with pytest.raises(UsageError, match="no ROI means or responses of subject 3"):
         rank_videos(folder, "lFFA", subject=3)
+    # responses of a selection are not the whole brain; whole-brain ones need the ROIs' voxels
+    selected = tmp_path / "selected"
+    selected.mkdir()
+    np.save(selected / "responses.npy", np.ones((3, 5), np.float32))
+    job = {"inputs": ["a", "b", "c"], "arrays": {"responses.npy": 5},
+           "run_config": {"subject": 1, "selection": {"roi": "lFFA"}}}
+    (selected / "job.json").write_text(json.dumps(job))
+    with pytest.raises(UsageError, match="not the whole brain.*--roi-means"):
+        rank_videos(selected, "lFFA", berg_dir=tmp_path)
+    job["run_config"]["selection"] = None
+    (selected / "job.json").write_text(json.dumps(job))
+    with pytest.raises(UsageError, match="give --berg-dir DIR"):
+        rank_videos(selected, "lFFA")
 
 
 def test_mean_over_subjects_averages_the_measure(tmp_path):
