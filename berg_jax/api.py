@@ -158,9 +158,13 @@ class EncodingModel:
     def label(self) -> str:
         """What it computes, for progress bars: "sub-01", "10 subjects+components", "sub-01 ROI means", ..."""
         who = f"sub-{self.subjects[0]:02d}" if len(self.subjects) == 1 else f"{len(self.subjects)} subjects"
-        parts = ([who] if self.subjects and self.with_responses else []) \
-            + (["components"] if self.with_components else []) \
-            + ([f"{who if not self.with_responses else ''} ROI means".strip()] if self.roi_names else [])
+        parts = []
+        if self.subjects and self.with_responses:
+            parts.append(who)
+        if self.with_components:
+            parts.append("components")
+        if self.roi_names:  # "sub-01+ROI means" beside the responses, "sub-01 ROI means" alone
+            parts.append("ROI means" if self.with_responses else f"{who} ROI means")
         return "+".join(parts)
 
     @property

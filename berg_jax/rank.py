@@ -199,36 +199,33 @@ def _available(out: Path, job: dict | None) -> dict[int, list[str]]:
     return dict(sorted(found.items()))
 
 
-def _source(out: Path, job: dict | None, subject: int, files: list[str], roi: str, minus_roi: str | None,
+def _source(out: Path, job: dict | None, subject: int, name: str, roi: str, minus_roi: str | None,
             berg_dir: str | os.PathLike | None) -> _Source:
-    """The best source of `subject`'s measure in OUT."""
+    """`subject`'s measure from OUT/`name`: its ROI means, or its whole-brain responses."""
     wanted = [r for r in (roi, minus_roi) if r is not None]
-    for name in files:
-        path = out / name
-        if name == roi_means_file(subject):
-            names = _roi_means_names(out, job, name)
-            for r in wanted:
-                _check_roi(r, names, str(path))
-            array = _open_npy(path)
-            if array.shape[1] != len(names):
-                raise UsageError(f"{path} has {array.shape[1]} columns but {len(names)} ROI names are recorded")
-            cols = [np.array([names.index(r)]) for r in wanted]
-            return _ColumnsSource(path, array, cols[0], cols[1] if minus_roi else None)
-        # whole-brain responses
-        selection = ((job or {}).get("run_config") or {}).get("selection")
-        if selection is not None:
-            raise UsageError(f"{path} holds the voxels of selection {selection}, not the whole brain, so "
-                             f"ROI means cannot be taken from it: encode with --roi-means (or without "
-                             "--roi/--voxels) to rank")
-        if berg_dir is None:
-            raise UsageError(f"{path} holds whole-brain responses: give --berg-dir DIR (BERG's files, for "
-                             "the ROIs' voxels), or encode with --roi-means")
-        metadata = berg_files.load_metadata(berg_dir, subject)
+    path = out / name
+    if name == roi_means_file(subject):
+        names = _roi_means_names(out, job, name)
         for r in wanted:
-            _check_roi(r, roi_names(metadata), f"sub-{subject:02d}'s metadata")
-        idx = [berg_files.roi_voxel_indices(metadata, r) for r in wanted]
-        return _ColumnsSource(path, _open_npy(path), idx[0], idx[1] if minus_roi else None)
-    raise AssertionError("no file for the subject")  # pragma: no cover - callers pass found files
+            _check_roi(r, names, str(path))
+        array = _open_npy(path)
+        if array.shape[1] != len(names):
+            raise UsageError(f"{path} has {array.shape[1]} columns but {len(names)} ROI names are recorded")
+        cols = [np.array([names.index(r)]) for r in wanted]
+        return _ColumnsSource(path, array, cols[0], cols[1] if minus_roi else None)
+    selection = ((job or {}).get("run_config") or {}).get("selection")
+    if selection is not None:
+        raise UsageError(f"{path} holds the voxels of selection {selection}, not the whole brain, so "
+                         f"ROI means cannot be taken from it: encode with --roi-means (or without "
+                         "--roi/--voxels) to rank")
+    if berg_dir is None:
+        raise UsageError(f"{path} holds whole-brain responses: give --berg-dir DIR (BERG's files, for "
+                         "the ROIs' voxels), or encode with --roi-means")
+    metadata = berg_files.load_metadata(berg_dir, subject)
+    for r in wanted:
+        _check_roi(r, roi_names(metadata), f"sub-{subject:02d}'s metadata")
+    idx = [berg_files.roi_voxel_indices(metadata, r) for r in wanted]
+    return _ColumnsSource(path, _open_npy(path), idx[0], idx[1] if minus_roi else None)
 
 
 def _components_source(out: Path, subject: int, roi: str, minus_roi: str | None,
@@ -356,7 +353,7 @@ def rank_videos(
     sources: dict[int, _Source] = {}
     for s in subjects:
         if s in found:
-            sources[s] = _source(out, job, s, found[s], roi, minus_roi, berg_dir)
+            sources[s] = _source(out, job, s, found[s][0], roi, minus_roi, berg_dir)  # the preferred file
         elif has_components and berg_dir is not None:
             sources[s] = _components_source(out, s, roi, minus_roi, berg_dir)
         elif has_components:
