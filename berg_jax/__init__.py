@@ -7,7 +7,7 @@ taps (`s3d`, weights from `weights`) -> components and voxels (`head`, BERG's fi
 (`cli/`), stimulus optimisation (`optimize`), many hosts (`distributed`, `merge`).
 """
 
-from berg_jax.api import BERG, EncodingModel, encoder, responses_from_components
+from berg_jax.api import BERG, EncodingModel, encoder, responses_from_components, roi_means_from_components
 from berg_jax.errors import (
     BERGError,
     DownloadError,
@@ -53,6 +53,7 @@ __all__ = [
     "load_s3d",
     "preprocess",
     "responses_from_components",
+    "roi_means_from_components",
     "sample_frame_indices",
     *_OPTIMIZE_NAMES,
 ]

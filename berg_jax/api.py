@@ -30,6 +30,7 @@ from berg_jax.fused import EncodingParams, encode_frames, encode_outputs, flat_o
 from berg_jax.errors import BERGError, InvalidParameterError, ModelLoadError
 from berg_jax.fetch import default_s3d_weights_path
 from berg_jax.preprocess import check_stimulus
+from berg_jax.roi_means import ROI_MEANS, RoiHead, load_roi_head
 from berg_jax.weights import S3D_URL, load_s3d
 
 DEVICES = ("auto", "cpu", "gpu", "tpu")
@@ -95,10 +96,13 @@ class EncodingModel:
     """A loaded fmri-bmd-s3d model: one subject (BERG's case), or several heads on one backbone.
 
     `subject` is an int for a one-subject model -- `encode` then returns one array, as BERG
-    does, unless `with_components` -- and a tuple (or None: components only) otherwise;
-    then `encode` returns a dict {subject: responses, ..., "components": components}. `voxels`/`n_voxels` are the selected
+    does, unless `with_components` or ROI means -- and a tuple (or None: components only) otherwise;
+    then `encode` returns a dict {subject: responses, ..., "components": components,
+    "roi_means": {subject: ROI means}}. `voxels`/`n_voxels` are the selected
     indices into the subject's N_s voxels (None = whole brain) and the output width; for a
-    several-subject model, dicts keyed by subject. params live on `devices` (replicated);
+    several-subject model, dicts keyed by subject. `roi_names`: {subject: its R ROI names,
+    the columns of its ROI means} (empty: no ROI means); `with_responses` False: no voxel
+    responses (ROI means and/or components only). params live on `devices` (replicated);
     batches are sharded over them along the video axis.
     """
 
@@ -117,6 +121,8 @@ class EncodingModel:
     devices: tuple[jax.Device, ...] = ()
     with_components: bool = False
     n_components: int = 0
+    roi_names: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    with_responses: bool = True
 
     @property
     def subjects(self) -> tuple[int, ...]:
@@ -126,8 +132,9 @@ class EncodingModel:
 
     @property
     def returns_dict(self) -> bool:
-        """False for BERG's case (one subject, no components): `encode` returns an array."""
-        return not isinstance(self.subject, int) or self.with_components
+        """False for BERG's case (one subject, its responses only): `encode` returns an array."""
+        return (not isinstance(self.subject, int) or self.with_components or bool(self.roi_names)
+                or not self.with_responses)
 
     def voxels_of(self, subject: int) -> np.ndarray | None:
         return self.voxels[subject] if isinstance(self.voxels, dict) else self.voxels
@@ -136,18 +143,28 @@ class EncodingModel:
         return self.n_voxels[subject] if isinstance(self.n_voxels, dict) else self.n_voxels
 
     @property
-    def output_columns(self) -> dict[int | str, int]:
-        """Every output's width, in output order: {subject: n_voxels, ..., "components": K}."""
-        cols: dict[int | str, int] = {s: self.n_voxels_of(s) for s in self.subjects}
+    def output_columns(self) -> dict[int | str | tuple[str, int], int]:
+        """Every output's width, in output order: {subject: n_voxels, ..., "components": K,
+        ("roi_means", subject): R, ...} (the keys of `fused.flat_outputs`)."""
+        cols: dict[int | str | tuple[str, int], int] = (
+            {s: self.n_voxels_of(s) for s in self.subjects} if self.with_responses else {})
         if self.with_components:
             cols["components"] = self.n_components
+        for s, names in self.roi_names.items():
+            cols[(ROI_MEANS, s)] = len(names)
         return cols
 
     @property
     def label(self) -> str:
-        """What it computes, for progress bars: "sub-01", "10 subjects+components", ..."""
-        parts = [f"sub-{self.subjects[0]:02d}" if len(self.subjects) == 1 else f"{len(self.subjects)} subjects"]
-        parts = (parts if self.subjects else []) + (["components"] if self.with_components else [])
+        """What it computes, for progress bars: "sub-01", "10 subjects+components", "sub-01 ROI means", ..."""
+        who = f"sub-{self.subjects[0]:02d}" if len(self.subjects) == 1 else f"{len(self.subjects)} subjects"
+        parts = []
+        if self.subjects and self.with_responses:
+            parts.append(who)
+        if self.with_components:
+            parts.append("components")
+        if self.roi_names:  # "sub-01+ROI means" beside the responses, "sub-01 ROI means" alone
+            parts.append("ROI means" if self.with_responses else f"{who} ROI means")
         return "+".join(parts)
 
     @property
@@ -156,7 +173,7 @@ class EncodingModel:
 
     def dict_params(self) -> EncodingParams:
         """params with the regression as {subject: Regression}, the form `encode_outputs` takes."""
-        if isinstance(self.subject, int):  # a one-subject model keeps BERG's single Regression
+        if isinstance(self.subject, int) and self.with_responses:  # a one-subject model keeps BERG's single Regression
             return self.params._replace(regression={self.subject: self.params.regression})
         return self.params
 
@@ -286,6 +303,8 @@ class BERG:
         batch_size: int | None = None,
         components: bool = False,
         n_devices: int | None = None,
+        roi_means: bool = False,
+        responses: bool = True,
     ) -> EncodingModel:
         """Load fmri-bmd-s3d for `subject`, optionally restricted to `selection`.
 
@@ -312,6 +331,13 @@ class BERG:
             dict): every subject's and ROI's responses follow from them
             (`responses_from_components`), at 400 bytes a video.
           n_devices: how many of this process's devices to shard batches over (default all).
+          roi_means: also return each subject's ROI means: float32 (B, R), one column per ROI
+            of the subject's metadata (`model.roi_names[subject]`, BERG's ROI_NAMES order), the
+            mean response over the ROI's voxels, computed from the components through a (K, R)
+            head folded at load time (`roi_means.fold_roi_means`), whatever `selection` is.
+            `encode` returns {..., "roi_means": {subject: array}}.
+          responses: False leaves out the voxel responses (then give roi_means and/or
+            components): a screen that needs ROI means only pays for no whole-brain head.
         The first call on a berg_dir converts BERG's files to a berg-jax copy (once).
         """
         self._check_model_id(model_id)
@@ -322,6 +348,14 @@ class BERG:
         if not subjects and selection is not None:
             raise InvalidParameterError("a components-only model (subject=None) has no voxels to select; "
                                         "select later with responses_from_components(..., selection=...)")
+        if roi_means and not subjects:
+            raise InvalidParameterError("roi_means=True needs a subject (1..10, a list of them, or 'all'): "
+                                        "ROI means are a subject's")
+        if not responses and not (roi_means or components):
+            raise InvalidParameterError("responses=False leaves no output: add roi_means=True and/or components=True")
+        if not responses and selection is not None:
+            raise InvalidParameterError("a selection picks voxel responses, and responses=False has none: drop "
+                                        "the selection (ROI means cover every ROI)")
         voxels = self._selections(subjects, selection)
         devices = resolve_devices(device, n_devices)
         platform = devices[0].platform
@@ -344,18 +378,28 @@ class BERG:
             ("projection", stored, *where),
             lambda: precisions.cast_projection(head.load_projection(self.berg_dir), precision), placement)
         regressions = {s: jax.device_put(head.load_regression(self.berg_dir, s, voxels[s]), placement)
-                       for s in subjects}
+                       for s in subjects} if responses else {}
         n_voxels = {s: berg_files.N_VOXELS[s] if voxels[s] is None else len(voxels[s]) for s in subjects}
+        roi_heads = {s: self._roi_head(s) for s in subjects} if roi_means else {}
         one = isinstance(subject, (int, np.integer))
         return EncodingModel(
             model_id=model_id, subject=subjects[0] if one else (subjects or None), selection=selection,
             voxels=voxels[subjects[0]] if one else voxels, n_voxels=n_voxels[subjects[0]] if one else n_voxels,
-            params=EncodingParams(s3d, projection, regressions[subjects[0]] if one else regressions),
+            params=EncodingParams(s3d, projection, regressions[subjects[0]] if one and responses else regressions,
+                                  {s: jax.device_put(h.regression, placement) for s, h in roi_heads.items()} or None),
             device=devices[0], precision=precision, conv_impl=conv_impl, batch_size=int(batch_size),
             berg_dir=self.berg_dir, backbone_chunk=DEFAULT_BACKBONE_CHUNK.get(platform),
             devices=tuple(devices), with_components=bool(components),
             n_components=int(projection["bias"].shape[0]),
+            roi_names={s: h.names for s, h in roi_heads.items()}, with_responses=bool(responses),
         )
+
+    def _roi_head(self, subject: int) -> RoiHead:
+        """The subject's ROI-mean head; errors name the subject (the metadata file is needed)."""
+        try:
+            return load_roi_head(self.berg_dir, subject)
+        except BERGError as exc:
+            raise type(exc)(f"sub-{subject:02d}: ROI means need the subject's metadata: {exc}") from None
 
     def get_model_metadata(self, model_id: str, subject: int = 1) -> dict:
         """BERG's metadata dict for `subject` (masks, affines, ROIs, test accuracy), without loading the model."""
@@ -382,7 +426,8 @@ class BERG:
         Returns:
           float32 (B, model.n_voxels) for a one-subject model without components (BERG's
           case); otherwise a dict {subject: float32 (B, n_voxels), ..., "components":
-          float32 (B, K)}. With return_metadata, also BERG's metadata dict (for a dict
+          float32 (B, K), "roi_means": {subject: float32 (B, R_s)}} (columns:
+          `model.roi_names[subject]`). With return_metadata, also BERG's metadata dict (for a dict
           result, a dict of them keyed by subject).
         """
         source, info = check_stimulus(stimulus, pad_short=pad_short)
@@ -411,6 +456,9 @@ class BERG:
             raise exc.cause  # BERG.encode has no per-batch recovery: the model's own error
         finally:
             progress.close()
+        if model.roi_names:  # ("roi_means", s) keys -> out["roi_means"][s]
+            nested = {key[1]: out.pop(key) for key in list(out) if isinstance(key, tuple)}
+            out[ROI_MEANS] = nested
         result = out if model.returns_dict else out[model.subject]
         if return_metadata:
             if model.returns_dict:
@@ -426,10 +474,11 @@ class BERG:
         device: str = "auto",
         *,
         precision: Any = "highest",
+        roi_means: bool = False,
     ) -> np.ndarray | dict[int, np.ndarray]:
-        """Stored components -> responses, equal to encoding the videos again (see the module function)."""
+        """Stored components -> responses (or ROI means), equal to encoding the videos again (see the module function)."""
         return responses_from_components(components, self.berg_dir, subject, selection, device,
-                                         precision=precision)
+                                         precision=precision, roi_means=roi_means)
 
 
 def load_heads(
@@ -447,6 +496,18 @@ def load_heads(
     voxels = berg._selections(subjects, selection)
     dev = resolve_device(device)
     return {s: jax.device_put(head.load_regression(berg.berg_dir, s, voxels[s]), dev) for s in subjects}
+
+
+def load_roi_heads(berg_dir: str | os.PathLike, subject: Subjects, device: str = "auto") -> dict[int, RoiHead]:
+    """{subject: its ROI-mean head (regression on `device`)}, converting BERG's files if needed."""
+    berg = BERG(berg_dir)
+    subjects = parse_subjects(subject)
+    if not subjects:
+        raise InvalidParameterError("a subject is needed (1..10, a list of them, or 'all')")
+    head.ensure_converted(berg.berg_dir, subjects)
+    dev = resolve_device(device)
+    heads = {s: berg._roi_head(s) for s in subjects}
+    return {s: dataclasses.replace(h, regression=jax.device_put(h.regression, dev)) for s, h in heads.items()}
 
 
 def apply_head(components: Any, regression: Any, precision: Any = "highest") -> np.ndarray:
@@ -474,8 +535,9 @@ def responses_from_components(
     *,
     precision: Any = "highest",
     batch_rows: int = 4096,
+    roi_means: bool = False,
 ) -> np.ndarray | dict[int, np.ndarray]:
-    """Turn stored K components (`encode --components`) into voxel responses.
+    """Turn stored K components (`encode --components`) into voxel responses (or ROI means).
 
     The encoder's own regression, at the same precision, on the components it computed, so
     the result equals a direct `encode` of the same videos: bit for bit on CPU whenever that
@@ -489,11 +551,50 @@ def responses_from_components(
       precision: the regression's: "highest" (default; also what "bf16" encodes use, so
         their components give their responses), "tf32" (a "tf32" encode's), or "bf16" (the
         same as "highest": the regression is float32 in every mode).
+      roi_means: return the subjects' ROI means instead (see `roi_means_from_components`;
+        no selection then).
     Returns:
       float32 (n, n_voxels) for one subject; {subject: array} for a list or "all".
     """
-    precision = precisions.normalize(precision)
+    if roi_means:
+        if selection is not None:
+            raise InvalidParameterError("roi_means=True gives every ROI's mean; drop the selection")
+        return roi_means_from_components(components, berg_dir, subject, device, precision=precision,
+                                         batch_rows=batch_rows)
     heads = load_heads(berg_dir, subject, selection, device)
+    return _apply_heads(components, heads, precision, batch_rows, isinstance(subject, (int, np.integer)))
+
+
+def roi_means_from_components(
+    components: Any,
+    berg_dir: str | os.PathLike,
+    subject: Subjects = 1,
+    device: str = "auto",
+    *,
+    precision: Any = "highest",
+    batch_rows: int = 4096,
+) -> np.ndarray | dict[int, np.ndarray]:
+    """Stored K components (`encode --components`) -> each subject's ROI means.
+
+    The ROI-mean head an encode with `roi_means=True` applies, at the same precision, so
+    the result equals that encode's "roi_means" (bit for bit on CPU, as for responses).
+
+    Args:
+      components: float32 (n, K), read `batch_rows` rows at a time; NaN rows give NaN rows.
+      berg_dir, subject, device, precision: as in `responses_from_components`.
+    Returns:
+      float32 (n, R) for one subject, {subject: (n, R_s)} for a list or "all"; column j is
+      ROI `roi_means.roi_names(metadata)[j]` (`load_roi_heads(...)[s].names`).
+    """
+    heads = load_roi_heads(berg_dir, subject, device)
+    return _apply_heads(components, {s: h.regression for s, h in heads.items()}, precision, batch_rows,
+                        isinstance(subject, (int, np.integer)))
+
+
+def _apply_heads(components: Any, heads: dict[int, Any], precision: Any, batch_rows: int,
+                 one: bool) -> np.ndarray | dict[int, np.ndarray]:
+    """(n, K) components through each {subject: Regression}, `batch_rows` rows at a time."""
+    precision = precisions.normalize(precision)
     n = len(components)
     out = {}
     for s, regression in heads.items():
@@ -502,7 +603,7 @@ def responses_from_components(
             block = components[lo: lo + batch_rows]
             res[lo: lo + len(block)] = apply_head(block, regression, precision)
         out[s] = res
-    return out[next(iter(out))] if isinstance(subject, (int, np.integer)) else out
+    return out[next(iter(out))] if one else out
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))

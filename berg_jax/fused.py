@@ -20,17 +20,23 @@ from berg_jax.head import Projection, Regression, project_taps, regress
 from berg_jax.preprocess import preprocess_frames
 from berg_jax.s3d import S3D
 
+# Key of the ROI-mean outputs (the same string as `roi_means.ROI_MEANS`, which imports the
+# heads' loaders; fused stays free of file I/O).
+ROI_MEANS = "roi_means"
+
 
 class EncodingParams(NamedTuple):
     """Everything the encoder reads: S3D (folded), projection per tap, the regression.
 
     `regression` is one subject's `Regression` for `encode_frames`, or {subject: Regression}
-    (possibly empty) for `encode_outputs`.
+    (possibly empty) for `encode_outputs`. `roi_means`: None, or {subject: Regression} of
+    the subjects' ROI-mean heads (coef (K, R), `roi_means.fold_roi_means`) for `encode_outputs`.
     """
 
     s3d: Any
     projection: Projection
     regression: Regression | dict[int, Regression]
+    roi_means: dict[int, Regression] | None = None
 
 
 def encode_clip(params: EncodingParams, frames: jax.Array, precision: Any = None, conv_impl: str = "2d") -> jax.Array:
@@ -147,11 +153,14 @@ def encode_outputs(
     channels_first: bool = False,
     frame_indices: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
-    """One backbone pass, every head: (B, 14, H, W, 3) -> {"responses": {subject: (B, N_sel_s)}, "components": (B, K)}.
+    """One backbone pass, every head: (B, 14, H, W, 3) -> {"responses": {subject: (B, N_sel_s)},
+    "components": (B, K), "roi_means": {subject: (B, R_s)}}, all float32.
 
     `params.regression` is {subject: Regression}; S3D and the projection (97% of the work)
     run once however many subjects there are. "components" is included when
     `with_components`; `regress(components, head)` recomputes any subject's responses.
+    "roi_means" is included when `params.roi_means` holds ROI-mean heads: the same
+    components through a (K, R) matmul per subject.
     `channels_first`: frames are (B, T, 3, H, W); `frame_indices`: keep these 14 of T
     frames (on the device). `n_valid` (a traced int, so every tail
     size shares one program): rows from n_valid on are padding, skipped by a chunked
@@ -162,15 +171,20 @@ def encode_outputs(
     out: dict[str, Any] = {"responses": {s: regress(components, r, precision) for s, r in params.regression.items()}}
     if with_components:
         out["components"] = components
+    if params.roi_means:
+        out[ROI_MEANS] = {s: regress(components, r, precision) for s, r in params.roi_means.items()}
     return out
 
 
-def flat_outputs(result: dict[str, Any]) -> dict[int | str, Any]:
-    """`encode_outputs`' nested result -> {subject: responses, ..., "components": components}.
+def flat_outputs(result: dict[str, Any]) -> dict[int | str | tuple[str, int], Any]:
+    """`encode_outputs`' nested result -> {subject: responses, ..., "components": components,
+    ("roi_means", subject): ROI means, ...}.
 
     (Nested inside JAX because a pytree's dict keys must sort: ints and strings don't mix.)
     """
-    flat: dict[int | str, Any] = dict(result["responses"])
+    flat: dict[int | str | tuple[str, int], Any] = dict(result["responses"])
     if "components" in result:
         flat["components"] = result["components"]
+    for s, means in result.get(ROI_MEANS, {}).items():
+        flat[(ROI_MEANS, s)] = means
     return flat

@@ -43,6 +43,7 @@ from berg_jax.distributed import (
 from berg_jax.errors import UsageError
 from berg_jax.npy_rows import file_crc32, is_out_of_space
 from berg_jax.verify import Report, check_job_folder
+from berg_jax.roi_means import write_csvs_for_job
 from berg_jax.writer import (
     FILE_CHECKSUMS_KEY,
     JOB_FILE,
@@ -326,6 +327,8 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
         files["responses" if name == RESPONSES_FILE else name[: -len(".npy")]] = out / name
     files["manifest"] = out / MANIFEST_FILE
     files["run"] = out / RUN_FILE
+    # ROI means' CSVs: the function a single-process encode uses, on the merged arrays.
+    files.update(write_csvs_for_job(out, paths, run_config))
 
     # ---- NIfTIs and plots, when the shards have them
     notes: list[str] = []
@@ -352,7 +355,8 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
     # ---- progress.jsonl, manifest.csv, run.json
     _write_journal(out / PROGRESS_FILE, full)
     _write_manifest(out / MANIFEST_FILE, full)
-    checked = [MANIFEST_FILE] + [files[k].name for k in files if k == "nifti" or k.endswith("_nifti")]
+    checked = [MANIFEST_FILE] + [files[k].name for k in files
+                                 if k == "nifti" or k.endswith("_nifti") or k.endswith("_csv")]
     run = {
         **run_config,
         "berg_jax_version": __version__,

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
+import json
 import os
 import sys
 import time
@@ -47,7 +48,9 @@ from berg_jax.atomic import atomic_npy
 from berg_jax.berg_files import N_VOXELS
 from berg_jax.decode_workers import default_decode_workers
 from berg_jax.decode_workers import prefetch_clips as prefetch_clips_in_processes
-from berg_jax.fused import flat_outputs
+from berg_jax.fused import ROI_MEANS, flat_outputs
+from berg_jax.roi_means import CONFIG_KEY as ROI_MEANS_CONFIG
+from berg_jax.roi_means import roi_means_file, write_csvs_for_job, write_roi_means_csv
 from berg_jax.errors import InvalidParameterError
 from berg_jax.npy_rows import file_bytes, is_out_of_space
 from berg_jax.video import prefetch_clips, read_clip
@@ -63,7 +66,8 @@ from berg_jax.writer import (
     out_of_space_error,
 )
 
-__all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file_name", "responses_from_components_file"]
+__all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file_name", "responses_from_components_file",
+           "roi_means_from_components_file"]
 
 PLOTS_DIR = "plots"
 
@@ -91,15 +95,20 @@ def responses_file(subject: int, one_subject: bool) -> str:
     return RESPONSES_FILE if one_subject else f"responses_sub-{subject:02d}.npy"
 
 
-def output_files(model: EncodingModel) -> dict[int | str, str]:
-    """Each of the model's outputs -> its file in OUT.
+def output_files(model: EncodingModel) -> dict[int | str | tuple[str, int], str]:
+    """Each of the model's outputs (`model.output_columns`' keys) -> its file in OUT.
 
     BERG's case (one subject) writes `responses.npy`; several subjects write
-    `responses_sub-SS.npy` each; components go to `components.npy`.
+    `responses_sub-SS.npy` each; components go to `components.npy`; ROI means to
+    `roi_means_sub-SS.npy` (named by subject even for one).
     """
-    files: dict[int | str, str] = {s: responses_file(s, isinstance(model.subject, int)) for s in model.subjects}
+    files: dict[int | str | tuple[str, int], str] = (
+        {s: responses_file(s, isinstance(model.subject, int)) for s in model.subjects}
+        if model.with_responses else {})
     if model.with_components:
         files["components"] = COMPONENTS_FILE
+    for s in model.roi_names:
+        files[(ROI_MEANS, s)] = roi_means_file(s)
     return files
 
 
@@ -112,7 +121,10 @@ def _weights_fingerprint(model: EncodingModel) -> str:
     for path, leaf in sorted(s3d_leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
         h.update(jax.tree_util.keystr(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    for leaf in (model.params.projection["bias"], *jax.tree_util.tree_leaves(model.params.regression)):
+    # (ROI-mean heads are folded from the whole-brain regression and BERG's ROI indices; their
+    # leaves count too, so an ROI-means-only job still has a fingerprint of its values.)
+    for leaf in (model.params.projection["bias"], *jax.tree_util.tree_leaves(model.params.regression),
+                 *jax.tree_util.tree_leaves(model.params.roi_means)):
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()[:16]
 
@@ -132,7 +144,7 @@ def job_config(model: EncodingModel, pad_short: bool = False, decoder: str = "cp
         "model_id": model.model_id,
         "subject": model.subject if isinstance(model.subject, int) else list(model.subjects),
         "selection": _selection_config(model),
-        "n_voxels": ({files[s]: model.n_voxels_of(s) for s in model.subjects}
+        "n_voxels": ({files[s]: model.n_voxels_of(s) for s in model.subjects if s in files}
                      if model.returns_dict else int(model.n_voxels)),
         "pad_short": bool(pad_short),
         "weights_fingerprint": _weights_fingerprint(model),
@@ -143,6 +155,10 @@ def job_config(model: EncodingModel, pad_short: bool = False, decoder: str = "cp
         # tf32/bf16 rows differ from highest ones (on accelerators): never mixed in one OUT.
         # Absent for "highest", so folders written before precision was a choice still resume.
         config["precision"] = model.precision
+    if model.roi_names:
+        # The columns of each ROI-means array: `rank` and the CSVs read them here. Absent
+        # without ROI means, so older folders still resume.
+        config[ROI_MEANS_CONFIG] = {files[(ROI_MEANS, s)]: list(names) for s, names in model.roi_names.items()}
     if decoder != "cpu":
         # Absent for "cpu", so folders written before the choice existed still resume.
         config["decoder"] = decoder
@@ -229,8 +245,9 @@ def encode_files(
     """Encode video files into OUT: responses.npy, manifest.csv, run.json (+ NIfTI, plots).
 
     A several-subject model writes `responses_sub-SS.npy` per subject (and NIfTIs
-    `responses_sub-SS.nii.gz`), a model with components `components.npy` (n, K) float32;
-    see `output_files`.
+    `responses_sub-SS.nii.gz`), a model with components `components.npy` (n, K) float32,
+    a model with ROI means `roi_means_sub-SS.npy` (n, R) float32 and, at the end,
+    `roi_means_sub-SS.csv` (`roi_means.write_roi_means_csv`); see `output_files`.
 
     Resumable: run it again with the same model, selection, paths and pad_short after an
     interruption (Ctrl-C, kill -9, power loss) and it computes only the rows not yet
@@ -296,8 +313,9 @@ def encode_files(
 
     # Everything that can fail for the whole job fails here, before any video is read.
     metadata = {}
-    if (nifti or plot) and not model.subjects:
-        raise InvalidParameterError("NIfTI files and plots are of responses: load a subject, not only components")
+    if (nifti or plot) and not (model.subjects and model.with_responses):
+        raise InvalidParameterError("NIfTI files and plots are of voxel responses: load a subject with "
+                                    "its responses, not only components or ROI means")
     if plot and not isinstance(model.subject, int):
         raise InvalidParameterError("plots are drawn for one subject; encode with a single subject to plot")
     if nifti or plot:
@@ -309,8 +327,9 @@ def encode_files(
 
         plots.require_plotting()
     names = output_files(model)
-    writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()},
-                                 job_config(model, pad_short, decoder), show_progress=show_progress)
+    config = job_config(model, pad_short, decoder)
+    writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()}, config,
+                                 show_progress=show_progress)
     for note in writer.repairs:  # a resume that found damage says what it computes again, and why
         print(f"berg-jax: {out}: {note}", file=sys.stderr, flush=True)
     try:
@@ -319,8 +338,12 @@ def encode_files(
         files = {("responses" if f == RESPONSES_FILE else f[: -len(".npy")]): out / f
                  for f in names.values()}
         files.update({"manifest": out / MANIFEST_FILE, "run": out / RUN_FILE})
+        # Before run.json (written last): a folder with run.json has its CSVs.
+        with stop_on_full_disk(writer, "the ROI means' CSVs"):
+            csvs = write_csvs_for_job(out, paths, config)
+        files.update(csvs)
         status = writer.manifest_rows()
-        checked_files = []
+        checked_files = [p.name for p in csvs.values()]  # run.json records their CRC-32 for `verify`
         if nifti:
             for s in model.subjects:
                 fmri = metadata[s]["fmri"]
@@ -540,29 +563,8 @@ def responses_from_components_file(
 
     from berg_jax.api import apply_head, load_heads
 
-    path = Path(components_path)
-    try:
-        components = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise InvalidParameterError(f"{path}: no such file; pass the components.npy that "
-                                    "`berg-jax encode --components` wrote") from None
-    except (ValueError, OSError) as exc:
-        raise InvalidParameterError(f"{path}: not a readable .npy ({exc})") from None
-    if components.ndim != 2 or components.dtype != np.float32:
-        raise InvalidParameterError(f"{path}: expected float32 (n, K) components, got {components.dtype} "
-                                    f"{components.shape}")
-    from berg_jax import head
-
-    k = head.converted_components(berg_dir) if head.is_converted(berg_dir) else None
-    if k is not None and components.shape[1] != k:
-        raise InvalidParameterError(f"{path}: {components.shape[1]} components per video, but the model in "
-                                    f"{berg_dir} has K = {k}; were they written with another berg_dir?")
-    out = Path(out_dir)
-    if (out / JOB_FILE).exists():
-        # An encode folder's arrays belong to its job.json; writing beside them would
-        # replace its responses.npy with another subject's.
-        raise InvalidParameterError(f"{out} is a `berg-jax encode` output folder; write the responses "
-                                    "to a folder of their own (e.g. --out OUT/responses_from_components)")
+    components = _read_components(components_path, berg_dir)
+    out = _components_out_dir(out_dir)
     heads = load_heads(berg_dir, subject, selection, device)
     out.mkdir(parents=True, exist_ok=True)
     one = isinstance(subject, (int, np.integer))
@@ -588,3 +590,92 @@ def responses_from_components_file(
         written[s] = target
     bar.close()
     return written
+
+
+def roi_means_from_components_file(
+    components_path: str | os.PathLike,
+    berg_dir: str | os.PathLike,
+    subject: Any,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    show_progress: bool = True,
+    batch_rows: int = 4096,
+) -> dict[int, tuple[Path, Path]]:
+    """OUT/components.npy -> `roi_means_sub-SS.npy` and `.csv` per subject, as `encode --roi-means` writes them.
+
+    Streams `batch_rows` rows at a time through each subject's ROI-mean head (the one the
+    encoder applies), each file written under a temporary name and renamed when complete.
+    The CSV's path column comes from the job.json beside the components file (the encode
+    folder it came from) when that job has as many inputs as there are rows; else it is empty.
+
+    Returns:
+      {subject: (npy path, csv path)}.
+    """
+    from tqdm.auto import tqdm
+
+    from berg_jax.api import apply_head, load_roi_heads
+
+    components = _read_components(components_path, berg_dir)
+    out = _components_out_dir(out_dir)
+    heads = load_roi_heads(berg_dir, subject, device)
+    out.mkdir(parents=True, exist_ok=True)
+    n = components.shape[0]
+    paths = _inputs_beside(Path(components_path), n)
+    written = {}
+    bar = tqdm(total=n * len(heads), unit="video", disable=not show_progress, desc="components -> ROI means",
+               dynamic_ncols=True)
+    for s, roi_head in heads.items():
+        target = out / roi_means_file(s)
+        with atomic_npy(target, (n, len(roi_head.names))) as mm:
+            for lo in range(0, n, batch_rows):
+                block = components[lo: lo + batch_rows]
+                mm[lo: lo + len(block)] = apply_head(block, roi_head.regression)
+                bar.update(len(block))
+        means = np.load(target, mmap_mode="r")
+        written[s] = (target, write_roi_means_csv(target.with_suffix(".csv"), means, roi_head.names, paths))
+        del means
+    bar.close()
+    return written
+
+
+def _inputs_beside(components_path: Path, n: int) -> list[str] | None:
+    """The input paths of the encode job whose components these are, if its job.json is beside them."""
+    try:
+        job = json.loads((components_path.parent / JOB_FILE).read_text("utf-8", errors="surrogateescape"))
+    except (OSError, ValueError):
+        return None
+    inputs = job.get("inputs") if isinstance(job, dict) else None
+    return list(inputs) if isinstance(inputs, list) and len(inputs) == n else None
+
+
+def _read_components(components_path: str | os.PathLike, berg_dir: str | os.PathLike) -> np.ndarray:
+    """components.npy memory-mapped, checked: float32 (n, K) with berg_dir's K."""
+    path = Path(components_path)
+    try:
+        components = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidParameterError(f"{path}: no such file; pass the components.npy that "
+                                    "`berg-jax encode --components` wrote") from None
+    except (ValueError, OSError) as exc:
+        raise InvalidParameterError(f"{path}: not a readable .npy ({exc})") from None
+    if components.ndim != 2 or components.dtype != np.float32:
+        raise InvalidParameterError(f"{path}: expected float32 (n, K) components, got {components.dtype} "
+                                    f"{components.shape}")
+    from berg_jax import head
+
+    k = head.converted_components(berg_dir) if head.is_converted(berg_dir) else None
+    if k is not None and components.shape[1] != k:
+        raise InvalidParameterError(f"{path}: {components.shape[1]} components per video, but the model in "
+                                    f"{berg_dir} has K = {k}; were they written with another berg_dir?")
+    return components
+
+
+def _components_out_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if (out / JOB_FILE).exists():
+        # An encode folder's arrays belong to its job.json; writing beside them would
+        # replace its responses.npy with another subject's.
+        raise InvalidParameterError(f"{out} is a `berg-jax encode` output folder; write the responses "
+                                    "to a folder of their own (e.g. --out OUT/responses_from_components)")
+    return out

@@ -1,13 +1,17 @@
 """`berg-jax`: the command line. Thin: parse, call the library, report.
 
     berg-jax encode (VIDEO_OR_FOLDER... | --inputs-from LIST|-) --berg-dir DIR
-                    --subject N|N,N,...|all [--components] [--roi NAME | --voxels MASK.npy]
-                    --out OUT [--batch-size B] [--nifti] [--pad-short] [--plot] [--s3d-weights PTH]
-                    [--device auto|cpu|gpu|tpu] [--precision highest|tf32|bf16]
+                    --subject N|N,N,...|all [--components] [--roi-means] [--no-responses]
+                    [--roi NAME | --voxels MASK.npy] --out OUT [--batch-size B] [--nifti]
+                    [--pad-short] [--plot] [--s3d-weights PTH] [--device auto|cpu|gpu|tpu]
+                    [--precision highest|tf32|bf16] [--decoder auto|cpu|gpu|both]
                     [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
     berg-jax merge OUT                      (after `encode --distributed`)
     berg-jax verify OUT                     (check OUT's files against its journal)
     berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N|N,N,...|all --out OUT
+                    [--roi-means] [--no-responses]
+    berg-jax rank OUT --roi NAME [--minus-roi NAME] [--subject N | --mean-over-subjects]
+                  [--top K] [--bottom] [--berg-dir DIR] [--write PATH]
     berg-jax optimize --berg-dir DIR --subject N --roi NAME --out DIR
     berg-jax fetch  --berg-dir DIR --subjects N [N ...] [--s3d | --no-s3d]
     berg-jax info   --berg-dir DIR [--subject N] [--plot OUT.png]
@@ -19,7 +23,7 @@ still processed and the failures are listed; 2 a usage or configuration error (o
 naming the input and the fix, no traceback); 130 interrupted (Ctrl-C): re-running the
 same command resumes.
 
-One module per verb (`encode`, `merge`, `verify`, `responses`, `optimize`, `fetch`, `info`, `convert`,
+One module per verb (`encode`, `merge`, `verify`, `responses`, `rank`, `optimize`, `fetch`, `info`, `convert`,
 `demo`), each with `add_parser(sub)` and its `cmd_*`; what several share is in `common`.
 The verbs do not import each other; `build_parser` wires them.
 """
@@ -32,7 +36,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 
-from berg_jax.cli import convert, demo, encode, fetch, info, merge, optimize, responses, verify
+from berg_jax.cli import convert, demo, encode, fetch, info, merge, optimize, rank, responses, verify
 from berg_jax.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from berg_jax.errors import BERGError, DownloadError, UsageError
 
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_parser(sub)
     optimize.add_parser(sub)
     responses.add_parser(sub)
+    rank.add_parser(sub)
     fetch.add_parser(sub)
     info.add_parser(sub)
     convert.add_parser(sub)

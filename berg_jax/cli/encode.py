@@ -45,6 +45,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="also write OUT/components.npy ((n, K) float32, 400 bytes a video), from which "
                         "`berg-jax responses` computes any subject's responses later; without "
                         "--subject, write only the components")
+    p.add_argument("--roi-means", action="store_true",
+                   help="also write each subject's ROI means: OUT/roi_means_sub-SS.npy ((n, R) float32, one "
+                        "column per ROI of the subject, the mean over its voxels) and roi_means_sub-SS.csv "
+                        "(path,row,<ROI names>); `berg-jax rank` ranks the videos by them")
+    p.add_argument("--no-responses", action="store_true",
+                   help="leave out the voxel responses (write only --roi-means and/or --components): "
+                        "a screen of many videos then writes R numbers per video and subject, not ~108k")
     add_selection_args(p)
     p.add_argument("--out", required=True, metavar="OUT", help="output folder (created; resumed if it holds this job)")
     p.add_argument("--batch-size", type=int, metavar="B",
@@ -116,8 +123,14 @@ def run_encode(args: argparse.Namespace) -> dict:
     subject = parse_subject_arg(args.subject)
     if subject is None and not args.components:
         raise UsageError("give --subject N (or several: 1,2,3, or all), and/or --components")
-    if subject is None and (args.roi or args.voxels or args.nifti or args.plot):
-        raise UsageError("--roi/--voxels/--nifti/--plot are about responses: give --subject N too")
+    if subject is None and (args.roi or args.voxels or args.nifti or args.plot or args.roi_means):
+        raise UsageError("--roi/--voxels/--nifti/--plot/--roi-means are about a subject's responses: "
+                         "give --subject N too")
+    if args.no_responses and not (args.roi_means or args.components):
+        raise UsageError("--no-responses leaves nothing to write: add --roi-means and/or --components")
+    if args.no_responses and (args.roi or args.voxels or args.nifti or args.plot):
+        raise UsageError("--roi/--voxels/--nifti/--plot are about voxel responses, which --no-responses "
+                         "leaves out: drop one or the other")
     if args.inputs_from is not None and args.inputs:
         # One source for the row order: a list and extra arguments would leave it to guesswork.
         raise UsageError(f"give either VIDEO_OR_FOLDER arguments or --inputs-from {args.inputs_from}, "
@@ -156,7 +169,8 @@ def run_encode(args: argparse.Namespace) -> dict:
     berg = BERG(args.berg_dir, s3d_weights=args.s3d_weights)
     model = berg.get_encoding_model("fmri-bmd-s3d", subject=subject, selection=selection,
                                     device=args.device, batch_size=args.batch_size,
-                                    components=args.components, precision=args.precision)
+                                    components=args.components, precision=args.precision,
+                                    roi_means=args.roi_means, responses=not args.no_responses)
     return encode_files(model, paths, out, pad_short=args.pad_short, nifti=args.nifti,
                         plot=args.plot, show_progress=not args.quiet,
                         decode_threads=args.decode_threads, decode_workers=args.decode_workers,
@@ -171,8 +185,12 @@ def print_summary(summary: dict) -> None:
             else f"voxel mask ({sel['voxels_count']} voxels)")
     subject = summary["subject"]
     widths = summary["arrays"]
-    if isinstance(subject, int):
+    if not any(name.startswith("responses") for name in widths):
+        what = "ROI means only" if any(name.startswith("roi_means") for name in widths) else what
+    if isinstance(subject, int) and "responses.npy" in widths:
         who = f"subject {subject}, {what}, {widths['responses.npy']} voxels per video"
+    elif isinstance(subject, int):
+        who = f"subject {subject}"
     elif subject:
         who = f"subjects {','.join(map(str, subject))}, {what}"
     else:
@@ -182,8 +200,10 @@ def print_summary(summary: dict) -> None:
     for name, width in widths.items():
         label = "responses" if name == "responses.npy" else name[: -len(".npy")]
         note = "K components (`berg-jax responses` turns them into any subject's responses)" \
-            if name == "components.npy" else "voxels"
+            if name == "components.npy" else "ROI means" if name.startswith("roi_means") else "voxels"
         rows.append((label, out[label], f"float32 ({n}, {width}) {note}, row i = input i, NaN rows = failed"))
+        if f"{label}_csv" in out:
+            rows.append(("", out[f"{label}_csv"], "path,row,<ROI names>; failed rows' values empty"))
     rows += [
         ("manifest", out["manifest"], "path,row,status,error per input"),
         ("run info", out["run"], "settings, versions, device, timings"),
