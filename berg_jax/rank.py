@@ -41,7 +41,7 @@ from berg_jax.atomic import atomic_write_text
 from berg_jax.errors import UsageError, ValidationError
 from berg_jax.roi_means import CONFIG_KEY, read_csv_header, roi_means_file, roi_names, subject_of_file
 
-__all__ = ["RankedVideo", "Ranking", "rank_videos", "ranking_file_name", "write_ranking_csv"]
+__all__ = ["RankedVideo", "Ranking", "rank_videos", "ranked_roi_means", "ranking_file_name", "write_ranking_csv"]
 
 JOB_FILE = "job.json"  # an encode folder's job record (`writer.JOB_FILE`; read here as plain JSON)
 COMPONENTS_FILE = "components.npy"
@@ -443,3 +443,35 @@ def write_ranking_csv(ranking: Ranking, path: str | os.PathLike) -> Path:
     path = Path(path)
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def ranked_roi_means(ranking: Ranking, out_dir: str | os.PathLike) -> tuple[tuple[str, ...], dict[int, np.ndarray]]:
+    """Every ROI mean of each ranked video: (ROI names, {row: float64 (R,)}), from OUT's ROI means.
+
+    Averaged over `ranking.subjects` when there are several (`--mean-over-subjects`); each
+    subject's ROI means must be in OUT (`encode --roi-means`).
+
+    Raises:
+      UsageError: a subject's ROI means are not in OUT, or the subjects have other ROIs.
+    """
+    out = Path(out_dir)
+    job = _load_job(out)
+    rows = sorted({v.row for v in (*ranking.top, *ranking.bottom)})
+    names: tuple[str, ...] | None = None
+    total = {r: None for r in rows}
+    for s in ranking.subjects:
+        name = roi_means_file(s)
+        if not (out / name).is_file():
+            raise UsageError(f"{out / name} is missing: the bar plots show OUT's ROI means; encode with "
+                             f"--roi-means (or run `berg-jax responses --roi-means`) for sub-{s:02d}")
+        these = _roi_means_names(out, job, name)
+        if names is not None and these != names:
+            raise UsageError(f"sub-{s:02d} has other ROIs than the first subject: draw the bars per subject")
+        names = these
+        means = np.load(out / name, mmap_mode="r")
+        for r in rows:
+            row = np.asarray(means[r], np.float64)
+            total[r] = row if total[r] is None else total[r] + row
+        del means
+    n = max(len(ranking.subjects), 1)
+    return names or (), {r: v / n for r, v in total.items()}

@@ -424,14 +424,16 @@ def roi_means_bars(
         positions.append(x)
         x += 1.0
     colours = {"l": "#3b6fb6", "r": "#e08a2c"}
-    paired = {i for k, i in enumerate(order) for j in order if j != i and names[j][1:] == names[i][1:]
-              and {names[j][0], names[i][0]} == {"l", "r"}}
-    bar_colours = [colours[names[i][0]] if i in paired else "#8c8c8c" for i in order]
+    # A hemisphere is the name's first letter, l or r, before BERG's capital or digit (lFFA, r7AL) or
+    # the h of lhV4 / rhV4: so an ROI whose partner is missing keeps its colour.
+    sides = [names[i][0] if len(names[i]) > 1 and names[i][0] in "lr"
+             and (names[i][1].isupper() or names[i][1].isdigit() or names[i][1] == "h") else None for i in order]
+    bar_colours = [colours[side] if side else "#8c8c8c" for side in sides]
     shown = values[order]
     finite = np.isfinite(shown)
 
-    # Inches: the title and legend share the top band, the rotated names the bottom one.
-    left, right, top, bottom, height = 0.8, 0.2, 0.45, 0.95, 4.0
+    # Inches: the title, then the legend, in the top band; the rotated names in the bottom one.
+    left, right, top, bottom, height = 0.8, 0.2, 0.75, 0.95, 4.3
     width = max(6.0, left + right + 0.17 * x)
     fig = new_figure(width, height)
     fig.patch.set_facecolor("white")
@@ -459,14 +461,13 @@ def roi_means_bars(
     ax.set_axisbelow(True)
     handles = [Patch(color=colours["l"], label="left hemisphere"),
                Patch(color=colours["r"], label="right hemisphere")]
-    if any(i not in paired for i in order):
+    if any(side is None for side in sides):
         handles.append(Patch(color="#8c8c8c", label="no hemisphere"))
     if (~finite).any():
         handles.append(Line2D([], [], linestyle="none", marker="x", color="#8c8c8c", label="no value (NaN)"))
-    band_y = 1 - (top / 2) / height
     fig.legend(handles=handles, fontsize=7.5, frameon=False, loc="center right",
-               bbox_to_anchor=(1 - right / width, band_y), ncol=len(handles))
+               bbox_to_anchor=(1 - right / width, 1 - 0.55 / height), ncol=len(handles))
     if title is not None:
-        fig.text(left / width, band_y, title, ha="left", va="center", fontsize=11,
+        fig.text(left / width, 1 - 0.22 / height, title, ha="left", va="center", fontsize=11,
                  fontweight="bold", parse_math=False)
     return save_figure(fig, path, dpi)

@@ -358,3 +358,35 @@ def test_merge_writes_the_csv_a_single_process_writes(env, clips, screen, tmp_pa
     for name in ("roi_means_sub-01.npy", "roi_means_sub-02.npy", "roi_means_sub-01.csv", "roi_means_sub-02.csv",
                  "job.json", "manifest.csv"):
         assert (out / name).read_bytes() == (screen / name).read_bytes(), name
+
+
+def test_cli_rank_draws_the_sheet_and_the_bars(screen, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the plot extra
+    import matplotlib.image
+
+    from berg_jax.rank import rank_videos, ranked_roi_means
+    from berg_jax.screening_plots import ContactSheetLayout
+
+    sheet, bars = tmp_path / "top.png", tmp_path / "bars"
+    code = cli.main(["rank", str(screen), "--roi", "lFFA", "--mean-over-subjects", "--top", "2", "--bottom",
+                     "--write", str(tmp_path / "rank.csv"), "--sheet", str(sheet), "--bars", str(bars)])
+    stdout = capsys.readouterr().out
+    assert code == 0 and f"contact sheet: {sheet}" in stdout and f"contact sheet: {tmp_path / 'top_bottom.png'}" in stdout
+    # one row per ranked clip, laid out as ContactSheetLayout says
+    for png in (sheet, tmp_path / "top_bottom.png"):
+        height, width = matplotlib.image.imread(png).shape[:2]
+        assert (width, height) == ContactSheetLayout(2).size_pixels
+    assert sorted(p.name for p in bars.iterdir()) == sorted(
+        f"{end}-{rank:03d}_{row}.png" for end, rank, row in _ranked(rank_videos(
+            screen, "lFFA", mean_over_subjects=True, top=2, bottom=2)))
+    # the bars show the subjects' average of each ROI mean
+    ranking = rank_videos(screen, "lFFA", mean_over_subjects=True, top=2)
+    names, means = ranked_roi_means(ranking, screen)
+    both = [np.load(screen / f"roi_means_sub-{s:02d}.npy") for s in SUBJECTS]
+    row = ranking.top[0].row
+    np.testing.assert_allclose(means[row], (both[0][row].astype(np.float64) + both[1][row]) / 2)
+    assert names == tuple(ROI_NAMES) and means[row][names.index("lFFA")] == pytest.approx(ranking.top[0].value)
+
+
+def _ranked(ranking):
+    return [(v.end, v.rank, v.row) for v in (*ranking.top, *ranking.bottom)]

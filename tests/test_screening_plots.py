@@ -154,7 +154,7 @@ def test_roi_means_bars_draws_every_roi_nan_included(tmp_path):
     path = sp.roi_means_bars(values, ROI_NAMES, tmp_path / "bars.png", title="clip 7")
     image = read_png(path)
     height, width = image.shape[:2]
-    assert height == 400 and width > 900  # 4 inches high; 47 bars need room
+    assert height == 430 and width > 900  # 4.3 inches high; 47 bars need room
     blue, orange = np.array([0x3B, 0x6F, 0xB6]), np.array([0xE0, 0x8A, 0x2C])
     assert (np.abs(image.astype(int) - blue).max(axis=-1) <= 2).sum() > 500  # left-hemisphere bars
     assert (np.abs(image.astype(int) - orange).max(axis=-1) <= 2).sum() > 500  # right-hemisphere bars
@@ -165,12 +165,17 @@ def test_roi_means_bars_draws_every_roi_nan_included(tmp_path):
     classes = [("l" if np.abs(p - blue).max() <= 2 else "r") for p in line
                if np.abs(p - blue).max() <= 2 or np.abs(p - orange).max() <= 2]
     assert [c for k, c in enumerate(classes) if k == 0 or c != classes[k - 1]] == ["l", "r", "l", "r"]
+    # an ROI whose partner is missing keeps its hemisphere's colour (digits after l/r too)
+    sp.roi_means_bars(np.ones(3), ["l7AL", "rFFA", "BMDgeneral"], tmp_path / "alone.png")
+    alone = read_png(tmp_path / "alone.png").astype(int)
+    assert (np.abs(alone - blue).max(axis=-1) <= 2).sum() > 500
+    assert (np.abs(alone - orange).max(axis=-1) <= 2).sum() > 500
     # nothing but NaN still draws (an empty plot with its zero line)
     sp.roi_means_bars(np.full(len(ROI_NAMES), np.nan), ROI_NAMES, tmp_path / "none.png")
     assert read_png(tmp_path / "none.png").shape[:2] == (height, width)
     with pytest.raises(InvalidParameterError, match="one value per ROI name"):
         sp.roi_means_bars(values[:-1], ROI_NAMES, tmp_path / "short.png")
-    assert sorted(os.listdir(tmp_path)) == ["bars.png", "none.png", "pairs.png"]
+    assert sorted(os.listdir(tmp_path)) == ["alone.png", "bars.png", "none.png", "pairs.png"]
 
 
 def test_without_matplotlib_it_says_how_to_install_it(videos, tmp_path, monkeypatch):

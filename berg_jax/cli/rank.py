@@ -33,6 +33,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--write", metavar="PATH",
                    help="the CSV to write (default: OUT/rank_<roi>[_minus_<roi>]_<sub-SS|mean-over-subjects>"
                         "_top-K[_bottom-K].csv)")
+    p.add_argument("--sheet", metavar="PNG",
+                   help="also draw a contact sheet of the top videos: the first, middle and last of the 14 "
+                        "frames the model saw, read back from the video files, and each one's value (with "
+                        "--bottom, the bottom ones go to PNG's name + _bottom); needs berg-jax[plot]")
+    p.add_argument("--bars", metavar="DIR",
+                   help="also draw each ranked video's ROI means as a bar plot, one PNG each "
+                        "(<end>-<rank>_<row>.png); needs OUT's ROI means (encode --roi-means) and "
+                        "berg-jax[plot]")
     p.set_defaults(func=cmd_rank)
 
 
@@ -42,13 +50,55 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    if args.sheet or args.bars:
+        from berg_jax.screening_plots import require_matplotlib
+
+        require_matplotlib()  # before the ranking, which may read a million rows
     ranking = rank_videos(args.out, args.roi, minus_roi=args.minus_roi, subject=args.subject,
                           mean_over_subjects=args.mean_over_subjects, top=args.top,
                           bottom=args.top if args.bottom else 0, berg_dir=args.berg_dir)
     target = write_ranking_csv(ranking, args.write or Path(args.out) / ranking_file_name(ranking))
     print_ranking(ranking)
     print(f"written: {target}")
+    if args.sheet:
+        for png in draw_sheets(ranking, Path(args.sheet)):
+            print(f"contact sheet: {png}")
+    if args.bars:
+        bars = draw_bars(ranking, Path(args.out), Path(args.bars))
+        print(f"ROI-means bar plots: {len(bars)} in {args.bars}")
     return EXIT_OK
+
+
+def draw_sheets(ranking: Any, png: Path) -> list[Path]:
+    """The contact sheet of the top videos at `png` (and of the bottom ones beside it)."""
+    from berg_jax.screening_plots import RankedClip, contact_sheet
+
+    written = []
+    for end, videos in (("top", ranking.top), ("bottom", ranking.bottom)):
+        if not videos:
+            continue
+        target = png if end == "top" else png.with_name(f"{png.stem}_bottom{png.suffix or '.png'}")
+        written.append(contact_sheet(
+            [RankedClip(v.rank, v.path, v.value) for v in videos], target,
+            title=f"{end} {len(videos)} of {ranking.n_rows} videos by {ranking.measure} ({ranking.who})",
+            value_label=ranking.measure))
+    return written
+
+
+def draw_bars(ranking: Any, out: Path, folder: Path) -> list[Path]:
+    """One bar plot of every ranked video's ROI means (averaged over subjects where the ranking was)."""
+    from berg_jax.rank import ranked_roi_means
+    from berg_jax.screening_plots import roi_means_bars
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names, means = ranked_roi_means(ranking, out)
+    written = []
+    for v in (*ranking.top, *ranking.bottom):
+        written.append(roi_means_bars(
+            means[v.row], names, folder / f"{v.end}-{v.rank:03d}_{v.row}.png",
+            title=f"{Path(v.path).name or f'row {v.row}'} ({ranking.who}): {v.end} {v.rank}, "
+                  f"{ranking.measure} = {v.value:.4g}"))
+    return written
 
 
 def print_ranking(ranking: Any) -> None:
