@@ -11,7 +11,7 @@
     berg-jax responses COMPONENTS.npy --berg-dir DIR --subject N|N,N,...|all --out OUT
                     [--roi-means] [--no-responses]
     berg-jax rank OUT --roi NAME [--minus-roi NAME] [--subject N | --mean-over-subjects]
-                  [--top K] [--bottom] [--berg-dir DIR] [--write PATH]
+                  [--top K] [--bottom] [--berg-dir DIR] [--write PATH] [--sheet PNG] [--bars DIR]
     berg-jax optimize --berg-dir DIR --subject N --roi NAME --out DIR
     berg-jax fetch  --berg-dir DIR --subjects N [N ...] [--s3d | --no-s3d]
     berg-jax info   --berg-dir DIR [--subject N] [--plot OUT.png]
