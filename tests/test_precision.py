@@ -153,7 +153,7 @@ def bf16_out(bf16, frames):
 
 def test_bf16_params_are_cast_once_at_load(berg, bf16, highest):
     assert bf16.precision == "bf16"
-    s3d, projection, regression = bf16.params
+    s3d, projection, regression = bf16.params.s3d, bf16.params.projection, bf16.params.regression
     leaves = jax.tree_util.tree_leaves_with_path(s3d)
     assert {str(a.dtype) for p, a in leaves if p[-1].key == "kernel"} == {"bfloat16"}
     assert {str(w.dtype) for w in projection["weights"]} == {"bfloat16"}
