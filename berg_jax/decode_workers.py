@@ -27,7 +27,9 @@ How it works, and why:
 * A worker that dies while reading a file (a segfault in the decoder, os._exit, a
   SIGKILL from outside) is seen at once: its socket reaches end-of-file, and its exit
   status is then collected (no timeouts). The file is recorded as failed ("decode
-  worker died (signal 9) while reading PATH"), a new worker is started, the run goes on.
+  worker died (signal 9) while reading PATH", `worker_died_message`), a new worker is
+  started, the run goes on. `died_externally` tells which of those failures were not the
+  file's fault, so that the next run of the same job tries those files again.
 * No orphans: workers run in their own session, so Ctrl-C reaches only the parent,
   which kills and reaps them when the generator closes (exhaustion, close(), an
   exception or KeyboardInterrupt in the consumer). If the parent itself dies (kill -9),
@@ -43,6 +45,7 @@ import importlib
 import mmap
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -59,7 +62,15 @@ import numpy as np
 from berg_jax.errors import BERGError, InvalidParameterError, VideoReadError
 from berg_jax.video import batches_in_order
 
-__all__ = ["DecodeWorkerError", "RESERVED_CORES", "default_decode_workers", "prefetch_clips"]
+__all__ = [
+    "DecodeWorkerError",
+    "EXTERNAL_SIGNALS",
+    "RESERVED_CORES",
+    "default_decode_workers",
+    "died_externally",
+    "prefetch_clips",
+    "worker_died_message",
+]
 
 # Cores left to the process feeding the device (its Python thread, the runtime's threads).
 RESERVED_CORES = 2
@@ -68,8 +79,52 @@ RESERVED_CORES = 2
 DEFAULT_READ = "berg_jax.video:read_clip"
 
 
+# Signals that end a worker from outside, whatever file it is reading: SIGKILL (the
+# out-of-memory killer, `kill -9`, a job scheduler) and SIGTERM (`kill`, a shutdown). A
+# worker ended by one of these failed its file through no fault of the file's, so a later
+# run reads it again. SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL and exit codes come from the
+# decoder crashing on that file: reading it again would crash again, on every run, so those
+# failures stay recorded. (An OOM kill can be the file's doing -- a huge frame size -- but
+# then it costs one worker per run, never the run itself.)
+EXTERNAL_SIGNALS = frozenset({int(signal.SIGKILL), int(signal.SIGTERM)})
+
+# The failure text of a file whose worker died, as `worker_died_message` builds it.
+_WORKER_DIED = re.compile(r"decode worker died \((?:signal (?P<signal>\d+)|exit code -?\d+)\) "
+                          r"(?P<when>while|before) reading .+", re.DOTALL)
+
+
 class DecodeWorkerError(BERGError):
     """A decode worker process could not start (the reader does not import there, ...)."""
+
+
+def worker_died_message(how: str, path: str, while_reading: bool = True) -> str:
+    """The failure recorded for `path` when its worker process ended.
+
+    Args:
+      how: how it ended, "signal N" or "exit code N".
+      path: the file it was given.
+      while_reading: True when it died with the file in hand; False when it was already
+        gone before it got the path (twice in a row: the file was never read).
+    Returns:
+      "decode worker died (signal 9) while reading PATH" (or "... before reading PATH").
+    """
+    return f"decode worker died ({how}) {'while' if while_reading else 'before'} reading {path}"
+
+
+def died_externally(error: str) -> bool:
+    """Whether a recorded failure is a decode worker ended from outside, not by its file.
+
+    True for `worker_died_message` texts of a worker killed by one of `EXTERNAL_SIGNALS`
+    while reading, and of a worker that was gone before it got the path (however it
+    ended: the file was never read). False for every other text: a decoder crash on the
+    file (SIGSEGV, SIGABRT, ..., an exit code), the reader's own reasons, encoding errors.
+    """
+    found = _WORKER_DIED.fullmatch(error)
+    if found is None:
+        return False
+    if found["when"] == "before":
+        return True
+    return found["signal"] is not None and int(found["signal"]) in EXTERNAL_SIGNALS
 
 
 def default_decode_workers() -> int:
@@ -436,12 +491,12 @@ class _WorkerPool:
             self._retire(worker)
             if attempt == 1:
                 return self.decode(path, attempt=2)
-            return f"decode worker died ({died}) before reading {path}"
+            return worker_died_message(str(died), path, while_reading=False)
         except _Died as died:
             self._retire(worker)
             if self.stopping:
                 return _CANCELLED
-            return f"decode worker died ({died}) while reading {path}"
+            return worker_died_message(str(died), path)
 
     def stop(self) -> None:
         """Kill every worker now: decodes in progress end at once (their results are not wanted)."""

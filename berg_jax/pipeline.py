@@ -46,13 +46,13 @@ from berg_jax import feed
 from berg_jax.api import EncodingModel, check_batch_size
 from berg_jax.atomic import atomic_npy
 from berg_jax.berg_files import N_VOXELS
-from berg_jax.decode_workers import default_decode_workers
+from berg_jax.decode_workers import EXTERNAL_SIGNALS, default_decode_workers, died_externally
 from berg_jax.decode_workers import prefetch_clips as prefetch_clips_in_processes
 from berg_jax.fused import ROI_MEANS, flat_outputs
 from berg_jax.roi_means import CONFIG_KEY as ROI_MEANS_CONFIG
 from berg_jax.roi_means import roi_means_file, write_csvs_for_job, write_roi_means_csv
 from berg_jax.errors import InvalidParameterError
-from berg_jax.npy_rows import file_bytes, is_out_of_space
+from berg_jax.npy_rows import file_bytes, format_rows, is_out_of_space
 from berg_jax.video import prefetch_clips, read_clip
 from berg_jax.volumes import volume_file_name, write_responses_nifti
 from berg_jax.writer import (
@@ -255,7 +255,9 @@ def encode_files(
     (given the same batch size and device: every call is padded to the full batch, and a
     row does not depend on which videos share its batch, but XLA may round differently for
     another compiled batch shape). A different job in the same OUT is refused with
-    `writer.OutputDirError`.
+    `writer.OutputDirError`. Every run also tries again the files whose decode worker was
+    killed from outside (SIGKILL, SIGTERM: `decode_workers.died_externally`); files that
+    crashed their worker themselves (SIGSEGV, SIGABRT, ...) stay failed.
 
     Args:
       model: from `BERG.get_encoding_model`.
@@ -328,9 +330,13 @@ def encode_files(
         plots.require_plotting()
     names = output_files(model)
     config = job_config(model, pad_short, decoder)
+    # Files whose decode worker was killed from outside (the OOM killer, a kill) failed through
+    # no fault of their own: every run of the job tries them again (decode_workers.died_externally).
     writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()}, config,
-                                 show_progress=show_progress)
-    for note in writer.repairs:  # a resume that found damage says what it computes again, and why
+                                 show_progress=show_progress, retry_failed=died_externally)
+    retried = retry_note(writer.retried)
+    for note in writer.repairs + ([retried["why"]] if retried else []):
+        # a resume that found damage or retries failures says what it computes again, and why
         print(f"berg-jax: {out}: {note}", file=sys.stderr, flush=True)
     try:
         stats = _encode_pending(writer, model, paths, bs, pad_short, show_progress, decode_threads,
@@ -376,11 +382,34 @@ def encode_files(
         }
         if writer.repairs:
             run_info["repaired"] = writer.repairs
+        if retried:
+            run_info["retried"] = retried
         run = writer.finish(run_info, checked_files=checked_files)
     finally:
         writer.close()
     failed = [(p, err) for p, _, s, err in status if s == "failed"]
     return {**run, "out_dir": str(out), "outputs": files, "failed": failed}
+
+
+def retry_note(retried: dict[int, str]) -> dict | None:
+    """run.json's record of the failed rows this run tries again, or None when there are none.
+
+    Args:
+      retried: {row: its recorded failure} (`ResponseWriter.retried`).
+    Returns:
+      {"n_rows": int, "rows": "3, 7-9" (ranges), "why": one sentence for people}.
+    """
+    if not retried:
+        return None
+    rows = sorted(retried)
+    signals = " or ".join(str(s) for s in sorted(EXTERNAL_SIGNALS))
+    return {
+        "n_rows": len(rows),
+        "rows": format_rows(rows),
+        "why": (f"retrying {len(rows)} row{'s' if len(rows) != 1 else ''} ({format_rows(rows)}) recorded as "
+                f"failed because the decode worker reading the file was killed from outside (signal {signals}: "
+                "the out-of-memory killer, a kill), not by the file"),
+    }
 
 
 @contextlib.contextmanager

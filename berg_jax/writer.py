@@ -37,6 +37,13 @@ re-NaN'd when marked, so the final `responses.npy` and `manifest.csv` are byte-i
 uninterrupted run's, wherever the previous run was killed (Ctrl-C, kill -9, power loss, a
 full disk) and whatever happened to the files in between.
 
+Retrying failures: a failure that was not the input's fault (its decode worker was killed
+from outside) should not stay recorded forever. `open(..., retry_failed=predicate)` drops
+the failed batches whose error text the predicate accepts from the journal (in the same
+atomic rewrite) and makes their rows pending again; `retried` says which. The rows' NaN stays
+until they are written again, like any pending row's leftovers, so the results end as if the
+input had never failed, and every row is still journaled exactly once.
+
 The NIfTI files beside them (`responses.nii.gz`, OUT/volumes/) are written by `volumes`;
 `merge` assembles the shards of `encode --distributed` with the public functions below.
 """
@@ -49,7 +56,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -260,6 +267,7 @@ class ResponseWriter:
         journal: BinaryIO,
         lock: BinaryIO | None,
         repairs: list[str] | None = None,
+        retried: dict[int, str] | None = None,
     ) -> None:
         """Internal; use `ResponseWriter.open`."""
         self.out_dir = out_dir
@@ -275,6 +283,8 @@ class ResponseWriter:
             name: np.load(f.path, mmap_mode="r", allow_pickle=False) for name, f in files.items()}
         # What the resume found damaged and is computing again, one sentence each.
         self.repairs: list[str] = list(repairs or ())
+        # {row: the failure recorded for it}: failures `open(retry_failed=...)` made pending again.
+        self.retried: dict[int, str] = dict(retried or {})
         # per input: 0 pending, 1 ok, 2 failed
         self._status = status
         self._errors = errors
@@ -291,6 +301,7 @@ class ResponseWriter:
         columns: int | dict[str, int],
         run_config: dict,
         show_progress: bool = False,
+        retry_failed: Callable[[str], bool] | None = None,
     ) -> ResponseWriter:
         """Create the results in `out_dir`, or resume the same job's results already there.
 
@@ -302,6 +313,9 @@ class ResponseWriter:
           run_config: JSON-able settings that determine the values (numpy values allowed).
           show_progress: a progress bar while a resume re-reads the recorded rows (when
             they are more than 256 MB) to check their checksums.
+          retry_failed: error text -> bool. Every recorded failed batch whose error it
+            accepts is removed from the journal and its rows are pending again (`retried`
+            lists them with their old errors). None: failures stay recorded.
         Raises:
           OutOfSpaceError: the arrays do not fit in OUT's free space (or quota, or file size
             limit); nothing is left behind but job.json.
@@ -326,7 +340,7 @@ class ResponseWriter:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_dir(out)
         try:
-            return cls._open_locked(out, paths, arrays, run_config, lock, show_progress)
+            return cls._open_locked(out, paths, arrays, run_config, lock, show_progress, retry_failed)
         except BaseException:
             if lock is not None:
                 lock.close()
@@ -335,7 +349,7 @@ class ResponseWriter:
     @classmethod
     def _open_locked(
         cls, out: Path, paths: list[str], columns: dict[str, int], run_config: dict, lock: BinaryIO | None,
-        show_progress: bool = False,
+        show_progress: bool = False, retry_failed: Callable[[str], bool] | None = None,
     ) -> ResponseWriter:
         for leftover in out.glob(f".*{TMP_MARK}*"):  # from runs killed mid atomic write
             leftover.unlink(missing_ok=True)
@@ -375,6 +389,17 @@ class ResponseWriter:
             atomic_write_text(job_path, pretty_json(job))
 
         entries, good_end = read_journal(prog_path, n_inputs)
+        # Failures to try again leave the journal before the checksums are read: their rows
+        # are computed again whatever they hold, so checking them would only cost time.
+        retried: dict[int, str] = {}
+        if retry_failed is not None:
+            to_keep = []
+            for e in entries:
+                if e["status"] == "failed" and retry_failed(e["error"]):
+                    retried.update((r, e["error"]) for r in e["rows"])
+                else:
+                    to_keep.append(e)
+            entries = to_keep
         repairs: list[str] = []
         repaired: set[str] = set()
         for name, state in states.items():
@@ -416,9 +441,9 @@ class ResponseWriter:
                                "them again")
             journal = open(prog_path, "ab", buffering=0)
             try:
-                if dropped:
-                    # Rewrite the journal without the dropped batches, atomically, so a crash
-                    # now leaves either the old journal (checked again next time) or the new one.
+                if dropped or retried:
+                    # Rewrite the journal without the dropped or retried batches, atomically, so a
+                    # crash now leaves either the old journal (checked again next time) or the new one.
                     journal.close()
                     atomic_write_text(prog_path, "".join(json.dumps(e) + "\n" for e in kept))
                     journal = open(prog_path, "ab", buffering=0)
@@ -444,7 +469,7 @@ class ResponseWriter:
                     errors[r] = e["error"]
                 else:
                     errors.pop(r, None)
-        return cls(out, job, files, status, errors, journal, lock, repairs)
+        return cls(out, job, files, status, errors, journal, lock, repairs, retried)
 
     # ---------------------------------------------------------------- progress
 

@@ -28,7 +28,13 @@ import pytest
 av = pytest.importorskip("av")  # the videos are written with PyAV
 
 from berg_jax import video  # noqa: E402
-from berg_jax.decode_workers import DecodeWorkerError, default_decode_workers, prefetch_clips  # noqa: E402
+from berg_jax.decode_workers import (  # noqa: E402
+    DecodeWorkerError,
+    default_decode_workers,
+    died_externally,
+    prefetch_clips,
+    worker_died_message,
+)
 from berg_jax.errors import InvalidParameterError  # noqa: E402
 from tests import video_fixtures as vf  # noqa: E402
 
@@ -40,14 +46,23 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches
 
 
 def crashing_read(path: str, **kwargs) -> np.ndarray:
-    """`read_clip`, except that files named sigkill*, segv*, exit3* end the worker process."""
+    """`read_clip`, except that files named sigkill*, sigterm*, segv*, exit3* end the worker process."""
     name = os.path.basename(path)
     if name.startswith("sigkill"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if name.startswith("sigterm"):
+        os.kill(os.getpid(), signal.SIGTERM)
     if name.startswith("segv"):
         ctypes.string_at(0)  # a NULL read: SIGSEGV, as a crashing decoder would
     if name.startswith("exit3"):
         os._exit(3)
+    return video.read_clip(path, **kwargs)
+
+
+def segv_read(path: str, **kwargs) -> np.ndarray:
+    """`read_clip`, except that files named segv* crash the worker (a file's own fault)."""
+    if os.path.basename(path).startswith("segv"):
+        ctypes.string_at(0)
     return video.read_clip(path, **kwargs)
 
 
@@ -241,6 +256,19 @@ def test_a_worker_that_dies_fails_only_its_file(videos, tmp_path):
     assert decode_workers_of(os.getpid()) == set()
 
 
+def test_which_deaths_are_not_the_files_fault():
+    path = "videos/a (1) while reading b.mp4"
+    assert worker_died_message("signal 9", path) == f"decode worker died (signal 9) while reading {path}"
+    assert died_externally(worker_died_message("signal 9", path))  # the OOM killer, kill -9
+    assert died_externally(worker_died_message("signal 15", path))  # kill
+    assert died_externally(worker_died_message("exit code 0", path, while_reading=False))  # never got the file
+    for how in ("signal 11", "signal 6", "signal 7", "exit code 3", "exit code -9"):  # the decoder's crashes
+        assert not died_externally(worker_died_message(how, path)), how
+    assert not died_externally(f"{path}: not a readable video container")
+    assert not died_externally("x: decode worker died (signal 9) while reading x")  # only the whole message
+    assert not died_externally("decode worker died (signal 9) while reading ")  # names no file
+
+
 def test_readers_that_use_the_package_or_do_not_import(videos, monkeypatch):
     (indices, clips, errors), = prefetch_clips(videos[:1], 1, read=reader_of_package_names, num_workers=1)
     np.testing.assert_array_equal(clips[0], video.read_clip(videos[0]))
@@ -387,3 +415,46 @@ def test_encode_ctrl_c_leaves_no_workers_and_resumes_byte_identical(tmp_path, ca
     assert [r["status"] for r in rows].count("failed") == 1
     assert json.loads((out / "run.json").read_text())["decode_workers"] == 2
     assert json.loads((ref / "run.json").read_text())["decode_workers"] == 0
+
+
+@pytest.mark.slow
+def test_encode_retries_files_whose_worker_was_killed_from_outside(videos, tmp_path, monkeypatch, capsys):
+    """A file whose worker got SIGKILL or SIGTERM is read again by the next run and ends as if it
+    had never failed; a file that crashed its worker (SIGSEGV) stays failed."""
+    from berg_jax import pipeline
+    from berg_jax.api import BERG
+    from berg_jax.verify import verify_folder
+    from berg_jax.synthetic_berg import make_synthetic_model
+
+    berg_dir, pth = make_synthetic_model(tmp_path / "model", n_components=8, seed=0)
+    model = BERG(berg_dir, s3d_weights=pth).get_encoding_model("fmri-bmd-s3d", subject=1, batch_size=2)
+    paths = [videos[0]]
+    for name, source in (("sigkill.mp4", videos[3]), ("segv.mp4", videos[6]), ("sigterm.mp4", videos[0])):
+        Path(tmp_path / name).write_bytes(Path(source).read_bytes())  # good videos of one frame size
+        paths.append(str(tmp_path / name))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+
+    def encode(o: Path, read) -> dict:
+        monkeypatch.setattr(pipeline, "read_clip", read)  # the workers import it by name
+        return pipeline.encode_files(model, paths, o, decode_workers=1, show_progress=False)
+
+    first = encode(out, crashing_read)
+    assert dict(first["failed"]) == {paths[1]: worker_died_message("signal 9", paths[1]),
+                                     paths[2]: worker_died_message("signal 11", paths[2]),
+                                     paths[3]: worker_died_message("signal 15", paths[3])}
+    assert "retried" not in first
+    capsys.readouterr()
+
+    again = encode(out, video.read_clip)  # the same command, with nothing killing the workers
+    assert dict(again["failed"]) == {paths[2]: worker_died_message("signal 11", paths[2])}
+    assert again["retried"]["n_rows"] == 2 and again["retried"]["rows"] == "1, 3"
+    notes = [line for line in capsys.readouterr().err.splitlines() if "retrying" in line]
+    assert notes == [f"berg-jax: {out}: {again['retried']['why']}"]
+    assert json.loads((out / "run.json").read_text())["retried"] == again["retried"]
+    assert again["n_resumed"] == 2 and again["n_this_run"] == 2
+
+    encode(ref, segv_read)  # a run where only the file that crashes its worker failed
+    for name in ("responses.npy", "manifest.csv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert verify_folder(out).ok, verify_folder(out).problems
+    assert decode_workers_of(os.getpid()) == set()

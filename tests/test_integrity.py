@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from berg_jax import cli
+from berg_jax.decode_workers import died_externally, worker_died_message
 from berg_jax.npy_rows import file_bytes, header_bytes
 from berg_jax.verify import verify_folder
 from berg_jax.writer import (
@@ -287,6 +288,67 @@ def test_a_damaged_shard_is_refused_by_merge_then_repaired(tmp_path: Path, capsy
     assert report.ok and report.n_checked_rows == len(SHARD_PATHS) and report.files == [MANIFEST_FILE]
     flip(out / "components.npy", len(header_bytes((12, 3))) + 9 * 12)  # global row 9 = shard 1 row 3
     assert problems(out) == ["components.npy: rows 9-10: do not match the checksum recorded when they were written"]
+
+
+# --------------------------------------------------------------------------- failures retried on resume
+
+
+KILLED = worker_died_message("signal 9", PATHS[7])  # the OOM killer, kill -9: not the file's fault
+TERMINATED = worker_died_message("signal 15", PATHS[8])  # kill: not the file's fault either
+CRASHED = worker_died_message("signal 11", PATHS[13])  # the decoder crashed on the file
+
+
+def run_with_failures(out: Path, failures: dict[tuple[int, ...], str]) -> None:
+    """A finished run in which the rows of each key failed with its error, every other row as `full_run`."""
+    w = ResponseWriter.open(out, PATHS, N_VOX, CONFIG)
+    for rows, error in failures.items():
+        w.mark_failed(list(rows), error)
+    process(w)
+    w.finish({"end_time": "t1"})
+    assert verify_folder(out).ok
+
+
+def journaled_rows(out: Path) -> list[int]:
+    return sorted(r for line in (out / PROGRESS_FILE).read_text().splitlines() for r in json.loads(line)["rows"])
+
+
+def test_failures_not_the_files_fault_are_retried_to_a_clean_runs_files(tmp_path: Path, reference: Path) -> None:
+    out = tmp_path / "out"
+    run_with_failures(out, {(7,): KILLED, (8, 9): TERMINATED})  # one journal entry of two rows
+
+    w = ResponseWriter.open(out, PATHS, N_VOX, CONFIG, retry_failed=died_externally)
+    assert w.pending() == [7, 8, 9]
+    assert w.retried == {7: KILLED, 8: TERMINATED, 9: TERMINATED}
+    assert w.manifest_rows()[8] == (PATHS[8], 8, "pending", "")
+    w.close()  # killed before the rows were computed again: they are still pending
+    assert journaled_rows(out) == sorted(set(range(N_IN)) - {7, 8, 9})
+
+    w = ResponseWriter.open(out, PATHS, N_VOX, CONFIG, retry_failed=died_externally)
+    assert w.pending() == [7, 8, 9] and w.retried == {}  # nothing left to retry: they are pending
+    process(w)
+    w.finish({"end_time": "t2"})
+    assert_same_as(out, reference)
+    assert journaled_rows(out) == list(range(N_IN))  # every row once
+    assert verify_folder(out).ok, problems(out)
+
+
+def test_failures_of_the_file_itself_stay_failed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_with_failures(out, {(13,): CRASHED, (7,): KILLED})
+    journal = (out / PROGRESS_FILE).read_bytes()
+    w = ResponseWriter.open(out, PATHS, N_VOX, CONFIG, retry_failed=lambda error: False)
+    assert w.pending() == [] and w.retried == {}
+    w.close()
+    assert (out / PROGRESS_FILE).read_bytes() == journal  # not even rewritten
+
+    w = ResponseWriter.open(out, PATHS, N_VOX, CONFIG, retry_failed=died_externally)
+    assert w.pending() == [7] and list(w.retried) == [7]
+    process(w)
+    w.finish({})
+    rows = w.manifest_rows()
+    assert rows[13] == (PATHS[13], 13, "failed", CRASHED)  # a decoder crash would crash again
+    assert rows[4][2] == "failed" and rows[7][2] == "ok"  # the reader's own reasons stay too
+    assert verify_folder(out).ok, problems(out)
 
 
 # --------------------------------------------------------------------------- no room
