@@ -47,7 +47,7 @@ from berg_jax.roi_means import write_csvs_for_job
 from berg_jax.writer import (
     FILE_CHECKSUMS_KEY,
     JOB_FILE,
-    MANIFEST_COLUMNS,
+    MANIFEST_EXTRA_KEY,
     MANIFEST_FILE,
     NIFTI_FILE,
     PROGRESS_FILE,
@@ -58,6 +58,7 @@ from berg_jax.writer import (
     job_files_present,
     job_record,
     lock_dir,
+    manifest_columns_of,
     out_of_space_error,
     read_journal,
 )
@@ -126,7 +127,7 @@ def _read_shard(root: Path, i: int, count: int, folders: dict) -> _ShardInfo:
 
 def _config_difference(a: dict, b: dict) -> str:
     diffs = []
-    for key in ("format", "arrays", "n_voxels"):
+    for key in ("format", "arrays", "n_voxels", MANIFEST_EXTRA_KEY):
         if a.get(key) != b.get(key):
             diffs.append(f"{key} {a.get(key)!r} != {b.get(key)!r}")
     ca, cb = a.get("run_config") or {}, b.get("run_config") or {}
@@ -138,13 +139,13 @@ def _config_difference(a: dict, b: dict) -> str:
 
 
 def _manifest_rows(info: _ShardInfo) -> Iterator[list[str]]:
-    """The data rows of a shard's manifest.csv, header checked."""
+    """The data rows of a shard's manifest.csv, header checked (its job's columns)."""
     path = info.folder / MANIFEST_FILE
+    header = manifest_columns_of(info.job)
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
-        if tuple(next(reader, ())) != MANIFEST_COLUMNS:
-            raise OutputDirError(f"{path} does not start with the header "
-                                         f"{','.join(MANIFEST_COLUMNS)}")
+        if tuple(next(reader, ())) != header:
+            raise OutputDirError(f"{path} does not start with the header {','.join(header)}")
         yield from reader
 
 
@@ -158,7 +159,7 @@ def _check_rows(info: _ShardInfo, count: int, failed: list[tuple[str, str]]) -> 
     inputs = info.job["inputs"]
     n_failed, j = 0, -1
     for j, row in enumerate(_manifest_rows(info)):
-        bad = (len(row) != 4 or j >= info.n_rows or row[1] != str(j) or row[0] != inputs[j]
+        bad = (len(row) != len(manifest_columns_of(info.job)) or j >= info.n_rows or row[1] != str(j) or row[0] != inputs[j]
                or row[2] not in ("ok", "failed"))
         if bad or status[j] != (1 if row[2] == "ok" else 2):
             raise OutputDirError(
@@ -289,7 +290,7 @@ def _merge_locked(out: Path, root: Path, count: int, shards: list[_ShardInfo], l
     arrays: dict[str, int] = dict(sorted(((k, int(v)) for k, v in ref.job["arrays"].items()),
                                          key=lambda kv: kv[1] != ref.job["n_voxels"]))
     run_config = ref.job["run_config"]
-    job = job_record(paths, arrays, run_config)
+    job = job_record(paths, arrays, run_config, ref.job.get(MANIFEST_EXTRA_KEY) or ())
 
     # ---- OUT itself: ours to (re)write, or another job's?
     out_lock = _lock(out, "the output folder")
@@ -495,10 +496,10 @@ def _write_manifest(path: Path, shards: list[_ShardInfo]) -> None:
     with atomic_open(path) as f:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(MANIFEST_COLUMNS)
+        w.writerow(manifest_columns_of(shards[0].job))
         for s in shards:
             for k, row in enumerate(_manifest_rows(s)):
-                w.writerow((row[0], s.first_row + int(row[1]), row[2], row[3]))
+                w.writerow((row[0], s.first_row + int(row[1]), *row[2:]))
                 if k % 4096 == 4095:
                     f.write(buf.getvalue().encode("utf-8", errors="surrogateescape"))
                     buf.seek(0)

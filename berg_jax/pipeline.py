@@ -70,6 +70,7 @@ __all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file
            "roi_means_from_components_file"]
 
 PLOTS_DIR = "plots"
+DECODER_COLUMN = "decoder"  # manifest.csv's column, with --decoder gpu/both: who decoded each file
 
 
 # --------------------------------------------------------------------------- job identity
@@ -333,7 +334,8 @@ def encode_files(
     # Files whose decode worker was killed from outside (the OOM killer, a kill) failed through
     # no fault of their own: every run of the job tries them again (decode_workers.died_externally).
     writer = ResponseWriter.open(out, paths, {f: model.output_columns[k] for k, f in names.items()}, config,
-                                 show_progress=show_progress, retry_failed=died_externally)
+                                 show_progress=show_progress, retry_failed=died_externally,
+                                 manifest_columns=(DECODER_COLUMN,) if decoder != "cpu" else ())
     retried = retry_note(writer.retried)
     for note in writer.repairs + ([retried["why"]] if retried else []):
         # a resume that found damage or retries failures says what it computes again, and why
@@ -387,7 +389,7 @@ def encode_files(
         run = writer.finish(run_info, checked_files=checked_files)
     finally:
         writer.close()
-    failed = [(p, err) for p, _, s, err in status if s == "failed"]
+    failed = [(p, err) for p, _, s, err, *_ in status if s == "failed"]
     return {**run, "out_dir": str(out), "outputs": files, "failed": failed}
 
 
@@ -499,7 +501,9 @@ def _encode_pending(
         while True:
             try:
                 for (indices, _), result in feed.run_batches(encode, feed_groups(), model.call_size, model.put):
-                    writer.write_rows(indices, {names[k]: v for k, v in flat_outputs(result).items()})
+                    notes = ({DECODER_COLUMN: [decoder_note(routes.get(i)) for i in indices]}
+                             if decoder != "cpu" else None)
+                    writer.write_rows(indices, {names[k]: v for k, v in flat_outputs(result).items()}, notes)
                     in_flight.pop(0)
                     counts["ok"] += len(indices)
                     bar.update(len(indices))
@@ -533,6 +537,14 @@ def _encode_pending(
     }
 
 
+def decoder_note(route: tuple[str, str | None] | None) -> str:
+    """manifest.csv's decoder column for one file: "gpu", "cpu", or "cpu (why NVDEC did not take it)"."""
+    if route is None:
+        return ""
+    who, why = route
+    return f"{who} ({why})" if why else who
+
+
 def decoded_by(routes: dict[int, tuple[str, str | None]]) -> dict:
     """run.json's account of an NVDEC run: files per decoder and why NVDEC left files to the CPU."""
     counts = {"gpu": 0, "cpu": 0}
@@ -551,7 +563,7 @@ def _draw_plots(writer: ResponseWriter, model: EncodingModel, metadata: dict,
 
     fmri = metadata["fmri"]
     n = len(status)
-    for path, row, state, _ in status:
+    for path, row, state, *_ in status:
         if state != "ok":
             continue
         png = plot_dir / plot_file_name(path, row, n)
@@ -614,8 +626,9 @@ def responses_from_components_file(
             if not is_out_of_space(exc):
                 raise
             bar.close()
+            done = ", ".join(p.name for p in written.values()) or "none"
             raise out_of_space_error(out, target.name, file_bytes(shape), exc,
-                                     kept=f" (the files already written are complete: {', '.join(p.name for p in written.values()) or 'none'})") from None
+                                     kept=f" (the files already written are complete: {done})") from None
         written[s] = target
     bar.close()
     return written

@@ -38,8 +38,10 @@ from berg_jax.writer import (
     MANIFEST_FILE,
     PROGRESS_FILE,
     RUN_FILE,
+    NOTES_KEY,
     iter_journal,
     job_fingerprint,
+    manifest_columns_of,
 )
 
 __all__ = ["Problem", "Report", "check_job_folder", "verify_folder"]
@@ -151,6 +153,11 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
     status = np.zeros(n, np.uint8)  # 0 unrecorded, 1 ok, 2 failed
     claims = np.zeros(n, np.uint16)
     errors: dict[int, str] = {}
+    # The extra manifest columns' values per row, as codes into a few distinct strings
+    # (a decoder column holds a handful): a few bytes a row, however many rows.
+    extra = manifest_columns_of(job)[len(MANIFEST_COLUMNS):]
+    note_codes = {c: np.zeros(n, np.int32) for c in extra}
+    note_texts: dict[str, dict[str, int]] = {c: {"": 0} for c in extra}
     damaged: dict[tuple[str, str], list[int]] = defaultdict(list)
     good_end = 0
     try:
@@ -164,6 +171,10 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
                 status[rows] = 1 if e["status"] == "ok" else 2
                 if e["status"] == "failed":
                     errors.update((int(r), e["error"]) for r in rows)
+                for column, values in (e.get(NOTES_KEY) or {}).items():
+                    if column in note_codes:
+                        texts = note_texts[column]
+                        note_codes[column][rows] = [texts.setdefault(str(v), len(texts)) for v in values]
                 recorded = e.get(CHECKSUM_KEY) or {}
                 if not recorded:
                     report.n_unverified_rows += len(rows)
@@ -204,7 +215,9 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
     if not finished:
         problem(RUN_FILE, "missing: the run has not finished; run the same `berg-jax encode` command to finish it")
         return
-    _check_manifest(folder / MANIFEST_FILE, inputs, status, errors, lambda r, rows=None: problem(MANIFEST_FILE, r, rows))
+    notes = {c: (note_codes[c], {code: text for text, code in note_texts[c].items()}) for c in extra}
+    _check_manifest(folder / MANIFEST_FILE, inputs, status, errors, notes, manifest_columns_of(job),
+                    lambda r, rows=None: problem(MANIFEST_FILE, r, rows))
     try:
         run = json.loads((folder / RUN_FILE).read_text("utf-8", errors="surrogateescape"))
         checksums = dict(run.get(FILE_CHECKSUMS_KEY) or {})
@@ -236,22 +249,24 @@ def _count_newlines(path: Path, n_bytes: int) -> int:
     return count
 
 
-def _check_manifest(path: Path, inputs: list[str], status: np.ndarray, errors: dict[int, str], problem) -> None:
-    """manifest.csv row by row against job.json's inputs and the journal's status and errors."""
+def _check_manifest(path: Path, inputs: list[str], status: np.ndarray, errors: dict[int, str],
+                    notes: dict[str, tuple[np.ndarray, dict[int, str]]], header: tuple[str, ...], problem) -> None:
+    """manifest.csv row by row against job.json's inputs and the journal's status, errors and notes."""
     names = {1: "ok", 2: "failed"}
     wrong: list[int] = []
     try:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             reader = csv.reader(f)
-            if tuple(next(reader, ())) != MANIFEST_COLUMNS:
-                problem(f"does not start with the header {','.join(MANIFEST_COLUMNS)}")
+            if tuple(next(reader, ())) != header:
+                problem(f"does not start with the header {','.join(header)}")
                 return
             j = -1
             for j, row in enumerate(reader):
                 if j >= len(inputs):
                     problem(f"has more rows than the {len(inputs)} inputs")
                     break
-                expect = (inputs[j], str(j), names.get(int(status[j]), "pending"), errors.get(j, ""))
+                expect = (inputs[j], str(j), names.get(int(status[j]), "pending"), errors.get(j, ""),
+                          *(texts[int(codes[j])] for codes, texts in notes.values()))
                 if tuple(row) != expect:
                     wrong.append(j)
             if j + 1 < len(inputs):

@@ -19,8 +19,10 @@ OUT holds (all names fixed):
   bytes in the order listed (`npy_rows.rows_crc32`; a failed row's are NaN). A line is appended
   (and fsynced) only after its rows were synced to every array. Lines without `crc32` (written
   before berg-jax recorded checksums) are trusted as they are.
-- `manifest.csv` (at finish): header `path,row,status,error`, one line per input in input
-  order, `\\n` line ends. A failed input's row in every array is all NaN.
+- `manifest.csv` (at finish): header `path,row,status,error` (then the job's extra columns,
+  job.json's `manifest_columns`, e.g. `decoder`; their values come from `write_rows(notes=)`
+  and are journaled as `"notes"`), one line per input in input order, `\\n` line ends. A
+  failed input's row in every array is all NaN.
 - `run.json` (at finish): run_config merged with the caller's run_info plus counts, and
   `file_crc32`: the CRC-32 of manifest.csv and of every file the caller names (the NIfTIs),
   which `verify` checks.
@@ -91,6 +93,8 @@ RUN_FILE = "run.json"
 NIFTI_FILE = "responses.nii.gz"
 LOCK_FILE = ".berg-jax.lock"
 MANIFEST_COLUMNS = ("path", "row", "status", "error")
+MANIFEST_EXTRA_KEY = "manifest_columns"  # job.json: manifest.csv's columns after MANIFEST_COLUMNS
+NOTES_KEY = "notes"  # a journal entry's {extra manifest column: [value per row, in the order of "rows"]}
 CHECKSUM_KEY = "crc32"  # a journal entry's {array file: CRC-32 of its rows}
 FILE_CHECKSUMS_KEY = "file_crc32"  # run.json's {file beside the arrays: CRC-32 of the whole file}
 _VERIFY_BAR_BYTES = 256 << 20  # a resume shows a progress bar while it re-reads more than this
@@ -144,8 +148,13 @@ def out_of_space_error(out: Path, what: str, needed: int | None = None, cause: B
 # --------------------------------------------------------------------------- the writer
 
 
-def job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> dict:
-    """job.json's content; the fingerprint covers everything that determines the results."""
+def job_record(paths: list[str], arrays: dict[str, int], run_config: dict,
+               manifest_columns: Sequence[str] = ()) -> dict:
+    """job.json's content; the fingerprint covers everything that determines the results.
+
+    `manifest_columns`: manifest.csv's columns after path,row,status,error (e.g. "decoder");
+    recorded as "manifest_columns" only when there are some, so older jobs keep their fingerprint.
+    """
     body = {
         "format": FORMAT,
         "inputs": paths,
@@ -154,6 +163,8 @@ def job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> di
         "arrays": dict(arrays),
         "run_config": jsonable(run_config),
     }
+    if manifest_columns:
+        body[MANIFEST_EXTRA_KEY] = [str(c) for c in manifest_columns]
     body["fingerprint"] = job_fingerprint(body)
     return body
 
@@ -161,7 +172,14 @@ def job_record(paths: list[str], arrays: dict[str, int], run_config: dict) -> di
 def job_fingerprint(job: dict) -> str:
     """sha256 of the canonical JSON of a job record's content (every key but "fingerprint")."""
     body = {k: job.get(k) for k in ("format", "inputs", "n_inputs", "n_voxels", "arrays", "run_config")}
+    if job.get(MANIFEST_EXTRA_KEY):
+        body[MANIFEST_EXTRA_KEY] = job[MANIFEST_EXTRA_KEY]
     return hashlib.sha256(canonical_json(body).encode("utf-8", errors="surrogateescape")).hexdigest()
+
+
+def manifest_columns_of(job: dict) -> tuple[str, ...]:
+    """A job's manifest.csv header: path,row,status,error and its extra columns, if any."""
+    return (*MANIFEST_COLUMNS, *(job.get(MANIFEST_EXTRA_KEY) or ()))
 
 
 def job_difference(old: dict, new: dict) -> str:
@@ -268,6 +286,7 @@ class ResponseWriter:
         lock: BinaryIO | None,
         repairs: list[str] | None = None,
         retried: dict[int, str] | None = None,
+        notes: dict[str, dict[int, str]] | None = None,
     ) -> None:
         """Internal; use `ResponseWriter.open`."""
         self.out_dir = out_dir
@@ -285,6 +304,9 @@ class ResponseWriter:
         self.repairs: list[str] = list(repairs or ())
         # {row: the failure recorded for it}: failures `open(retry_failed=...)` made pending again.
         self.retried: dict[int, str] = dict(retried or {})
+        # manifest.csv's extra columns, and {column: {row: value}} of the rows recorded so far
+        self.manifest_extra: tuple[str, ...] = tuple(job.get(MANIFEST_EXTRA_KEY) or ())
+        self._notes: dict[str, dict[int, str]] = {c: dict((notes or {}).get(c, {})) for c in self.manifest_extra}
         # per input: 0 pending, 1 ok, 2 failed
         self._status = status
         self._errors = errors
@@ -302,6 +324,7 @@ class ResponseWriter:
         run_config: dict,
         show_progress: bool = False,
         retry_failed: Callable[[str], bool] | None = None,
+        manifest_columns: Sequence[str] = (),
     ) -> ResponseWriter:
         """Create the results in `out_dir`, or resume the same job's results already there.
 
@@ -316,6 +339,8 @@ class ResponseWriter:
           retry_failed: error text -> bool. Every recorded failed batch whose error it
             accepts is removed from the journal and its rows are pending again (`retried`
             lists them with their old errors). None: failures stay recorded.
+          manifest_columns: extra manifest.csv columns (after path,row,status,error), filled
+            per row by `write_rows(..., notes=)`; part of the job.
         Raises:
           OutOfSpaceError: the arrays do not fit in OUT's free space (or quota, or file size
             limit); nothing is left behind but job.json.
@@ -340,7 +365,8 @@ class ResponseWriter:
         out.mkdir(parents=True, exist_ok=True)
         lock = lock_dir(out)
         try:
-            return cls._open_locked(out, paths, arrays, run_config, lock, show_progress, retry_failed)
+            return cls._open_locked(out, paths, arrays, run_config, lock, show_progress, retry_failed,
+                                    tuple(manifest_columns))
         except BaseException:
             if lock is not None:
                 lock.close()
@@ -350,10 +376,13 @@ class ResponseWriter:
     def _open_locked(
         cls, out: Path, paths: list[str], columns: dict[str, int], run_config: dict, lock: BinaryIO | None,
         show_progress: bool = False, retry_failed: Callable[[str], bool] | None = None,
+        manifest_columns: tuple[str, ...] = (),
     ) -> ResponseWriter:
         for leftover in out.glob(f".*{TMP_MARK}*"):  # from runs killed mid atomic write
             leftover.unlink(missing_ok=True)
-        job = job_record(paths, columns, run_config)
+        if set(manifest_columns) & set(MANIFEST_COLUMNS) or len(set(manifest_columns)) != len(manifest_columns):
+            raise ValueError(f"extra manifest columns must be new and distinct, got {list(manifest_columns)}")
+        job = job_record(paths, columns, run_config, manifest_columns)
         job_path, prog_path = out / JOB_FILE, out / PROGRESS_FILE
         advice = f"choose another --out, or delete {out} to start over"
         n_inputs = len(paths)
@@ -461,6 +490,7 @@ class ResponseWriter:
             raise
         status = np.zeros(n_inputs, np.uint8)
         errors: dict[int, str] = {}
+        notes: dict[str, dict[int, str]] = {c: {} for c in manifest_columns}
         for e in kept:
             rows = np.asarray(e["rows"], np.int64)
             status[rows] = 1 if e["status"] == "ok" else 2
@@ -469,7 +499,10 @@ class ResponseWriter:
                     errors[r] = e["error"]
                 else:
                     errors.pop(r, None)
-        return cls(out, job, files, status, errors, journal, lock, repairs, retried)
+            for column, values in (e.get(NOTES_KEY) or {}).items():
+                if column in notes:
+                    notes[column].update(zip(e["rows"], values))
+        return cls(out, job, files, status, errors, journal, lock, repairs, retried, notes)
 
     # ---------------------------------------------------------------- progress
 
@@ -523,15 +556,26 @@ class ResponseWriter:
                 self.out_dir, what, cause=exc,
                 kept=f": it resumes, keeping the {n_done} rows already recorded") from None
 
-    def write_rows(self, indices: Sequence[int], responses: np.ndarray | dict[str, np.ndarray]) -> None:
+    def write_rows(self, indices: Sequence[int], responses: np.ndarray | dict[str, np.ndarray],
+                   notes: dict[str, Sequence[str]] | None = None) -> None:
         """Store the responses of inputs `indices` and record them as done.
 
         Args:
           indices: (n,) int, pending input indices (any order).
           responses: (n, n_voxels) array, stored as float32; for a job of several arrays a
             dict {file name: (n, columns) array} naming every one of them.
+          notes: {extra manifest column: (n,) str}, the rows' values in the job's extra
+            manifest columns (`manifest_columns` at open); a column left out stays empty.
         """
         idx = self._check_pending(indices)
+        notes = {c: [str(v) for v in vals] for c, vals in (notes or {}).items()}
+        unknown = set(notes) - set(self.manifest_extra)
+        if unknown:
+            raise ValueError(f"notes for {sorted(unknown)}, but this job's extra manifest columns are "
+                             f"{list(self.manifest_extra)}")
+        for column, vals in notes.items():
+            if len(vals) != idx.size:
+                raise ValueError(f"notes[{column!r}]: {len(vals)} values for {idx.size} rows")
         if not isinstance(responses, dict):
             if len(self.columns) != 1:
                 raise ValueError(f"this job writes {list(self.columns)}: pass a dict of them")
@@ -545,8 +589,11 @@ class ResponseWriter:
         if idx.size == 0:
             return
         values = {name: np.ascontiguousarray(v, np.float32) for name, v in values.items()}
-        self._store(idx, values, {"rows": idx.tolist(), "status": "ok"})
+        entry = {"rows": idx.tolist(), "status": "ok", **({NOTES_KEY: notes} if notes else {})}
+        self._store(idx, values, entry)
         self._status[idx] = 1
+        for column, vals in notes.items():
+            self._notes[column].update(zip(idx.tolist(), vals))
 
     def _store(self, idx: np.ndarray, values: dict[str, np.ndarray], entry: dict) -> None:
         """Write every array's rows, sync them, then journal `entry` with their checksums."""
@@ -580,10 +627,10 @@ class ResponseWriter:
     # ---------------------------------------------------------------- finish
 
     def manifest_rows(self) -> list[tuple[str, int, str, str]]:
-        """(path, row, status, error) per input, in input order; status "ok"/"failed"/"pending"."""
+        """(path, row, status, error, *extra columns) per input, in input order; status "ok"/"failed"/"pending"."""
         names = {0: "pending", 1: "ok", 2: "failed"}
         return [
-            (p, i, names[int(s)], self._errors.get(i, ""))
+            (p, i, names[int(s)], self._errors.get(i, ""), *(self._notes[c].get(i, "") for c in self.manifest_extra))
             for i, (p, s) in enumerate(zip(self.paths, self._status))
         ]
 
@@ -607,7 +654,7 @@ class ResponseWriter:
                              "write or mark_failed them before finish()")
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(MANIFEST_COLUMNS)
+        w.writerow(manifest_columns_of(self.job))
         w.writerows(self.manifest_rows())
         try:
             atomic_write_text(self.out_dir / MANIFEST_FILE, buf.getvalue())

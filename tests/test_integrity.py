@@ -489,3 +489,69 @@ def test_the_disk_filling_up_mid_run_stops_cleanly_and_resumes(small_fs: Path, t
     w.close()
     big_run(out)
     assert_same_as(out, ref)
+
+
+# --------------------------------------------------------------------------- extra manifest columns
+
+
+def _noted_run(out: Path, paths, stop_after: int | None = None) -> None:
+    w = ResponseWriter.open(out, paths, 3, CONFIG, manifest_columns=("decoder",))
+    for k, i in enumerate(w.pending()):
+        if stop_after is not None and k == stop_after:
+            w.close()  # "killed"
+            return
+        if i == 2:
+            w.mark_failed(i, f"{paths[i]}: not a readable video container")
+        else:
+            w.write_rows([i], np.full((1, 3), i, np.float32), {"decoder": ["gpu" if i % 2 else "cpu (10-bit)"]})
+    w.finish({})
+
+
+def test_extra_manifest_columns_survive_resume_merge_and_verify(tmp_path: Path, capsys) -> None:
+    from berg_jax import distributed
+    from berg_jax.distributed import Shard
+
+    paths = [f"clips/{i}.mp4" for i in range(6)]
+    ref = tmp_path / "ref"
+    _noted_run(ref, paths)
+    assert (ref / MANIFEST_FILE).read_text().splitlines() == [
+        "path,row,status,error,decoder", "clips/0.mp4,0,ok,,cpu (10-bit)", "clips/1.mp4,1,ok,,gpu",
+        "clips/2.mp4,2,failed,clips/2.mp4: not a readable video container,", "clips/3.mp4,3,ok,,gpu",
+        "clips/4.mp4,4,ok,,cpu (10-bit)", "clips/5.mp4,5,ok,,gpu"]
+    assert json.loads((ref / "job.json").read_text())["manifest_columns"] == ["decoder"]
+    assert verify_folder(ref).ok
+    # killed after 3 rows, resumed: the notes of the first rows come back from the journal
+    out = tmp_path / "out"
+    _noted_run(out, paths, stop_after=3)
+    _noted_run(out, paths)
+    assert_same_as(out, ref)
+    # a tampered decoder value is found
+    text = (out / MANIFEST_FILE).read_text()
+    (out / MANIFEST_FILE).write_text(text.replace("clips/3.mp4,3,ok,,gpu", "clips/3.mp4,3,ok,,cpu"))
+    assert f"{MANIFEST_FILE}: rows 3: disagree with job.json and progress.jsonl (path, row, status or error)" \
+        in problems(out)
+    # shards with the column merge into the single run's manifest
+    merged = tmp_path / "merged"
+    for i in range(2):
+        block, folder = distributed.shard_inputs(paths, merged, Shard(i, 2))
+        w = ResponseWriter.open(folder, block, 3, CONFIG, manifest_columns=("decoder",))
+        for r in w.pending():
+            g = r + 3 * i
+            if g == 2:
+                w.mark_failed(r, f"{paths[g]}: not a readable video container")
+            else:
+                w.write_rows([r], np.full((1, 3), g, np.float32), {"decoder": ["gpu" if g % 2 else "cpu (10-bit)"]})
+        w.finish({})
+    capsys.readouterr()
+    assert cli.main(["merge", str(merged)]) == 1
+    assert_same_as(merged, ref, names=(RESPONSES_FILE, MANIFEST_FILE, "job.json"))
+    assert verify_folder(merged).ok
+    # misuse
+    w = ResponseWriter.open(tmp_path / "misuse", paths, 3, CONFIG, manifest_columns=("decoder",))
+    with pytest.raises(ValueError, match="extra manifest columns are"):
+        w.write_rows([0], np.zeros((1, 3), np.float32), {"other": ["x"]})
+    with pytest.raises(ValueError, match="1 values for 2 rows"):
+        w.write_rows([0, 1], np.zeros((2, 3), np.float32), {"decoder": ["x"]})
+    w.close()
+    with pytest.raises(ValueError, match="new and distinct"):
+        ResponseWriter.open(tmp_path / "misuse2", paths, 3, CONFIG, manifest_columns=("error",))

@@ -344,7 +344,20 @@ def test_nvdec_beside_the_cpu_gives_the_cpu_runs_rows(run, model, videos, tmp_pa
     _, ref = run
     # the same pixels, stacked on the device for the NVDEC clips: the same rows, bit for bit
     assert (out / "responses.npy").read_bytes() == (ref / "responses.npy").read_bytes()
-    assert (out / "manifest.csv").read_bytes() == (ref / "manifest.csv").read_bytes()
+    # the manifest is the CPU run's plus a decoder column: who decoded each file, and why not NVDEC
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    with open(ref / "manifest.csv", newline="") as f:
+        assert [r[:4] for r in rows] == list(csv.reader(f))
+    assert rows[0][4] == "decoder"
+    decoders = {Path(r[0]).name: r[4] for r in rows[1:]}
+    assert decoders["corrupt.mp4"] == decoders["missing.mp4"] == ""  # failed: no decoder's
+    if choice == "gpu":
+        assert {n: d for n, d in decoders.items() if n.startswith("a")} == dict.fromkeys(
+            ["a0.mp4", "a1.mp4", "a2.mkv", "a3.mp4"], "gpu")
+        assert decoders["b0.mp4"] == decoders["b1.mp4"] == "cpu (fake NVDEC takes only a*)"
+    else:
+        assert set(decoders.values()) <= {"", "gpu", "cpu", "cpu (fake NVDEC takes only a*)"}
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["decoder"] == choice and summary["decoder"] == choice
     by = run_json["decoded_by"]
@@ -354,6 +367,12 @@ def test_nvdec_beside_the_cpu_gives_the_cpu_runs_rows(run, model, videos, tmp_pa
         assert by["gpu"] + by["cpu"] == 6 and by["gpu"] <= 4
         assert set(by["cpu_because"]) <= {"fake NVDEC takes only a*"}
     assert json.loads((out / "job.json").read_text())["run_config"]["decoder"] == choice
+    # a resume keeps the column (from the journal), and the folder verifies
+    from berg_jax.verify import verify_folder
+
+    before = (out / "manifest.csv").read_bytes()
+    encode_files(model, videos, out, show_progress=False, decoder=choice, gpu_decode_threads=2)
+    assert (out / "manifest.csv").read_bytes() == before and verify_folder(out).ok
     # another decoder is another job (NVDEC's pixels differ by up to 2 levels): refused
     with pytest.raises(OutputDirError, match="decoder"):
         encode_files(model, videos, out, show_progress=False, decoder="cpu")
