@@ -107,6 +107,23 @@ def jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} {obj!r} in JSON")
 
 
+def csv_field(text: str) -> str:
+    """`text` as one CSV field: quoted (quotes doubled) when it holds a comma, a quote, `\n` or `\r`.
+
+    What Python's csv module writes with `lineterminator="\n"`, except that it also quotes a
+    lone `\r`, which csv.writer leaves bare and every CSV reader then takes for a line end
+    (a file name may hold one).
+    """
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_line(fields: Any) -> str:
+    """One CSV record: the fields (str() of each) through `csv_field`, joined by commas, and `\n`."""
+    return ",".join(csv_field(str(f)) for f in fields) + "\n"
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 

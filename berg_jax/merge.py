@@ -29,7 +29,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from berg_jax.atomic import TMP_MARK, atomic_npy, atomic_open, atomic_write_text, pretty_json
+from berg_jax.atomic import TMP_MARK, atomic_npy, atomic_open, atomic_write_text, csv_line, pretty_json
 from berg_jax.distributed import (
     SHARD_FILE,
     SHARD_FORMAT,
@@ -495,11 +495,10 @@ def _write_manifest(path: Path, shards: list[_ShardInfo]) -> None:
     """manifest.csv with global rows, written as `ResponseWriter.finish` writes it."""
     with atomic_open(path) as f:
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(manifest_columns_of(shards[0].job))
+        buf.write(csv_line(manifest_columns_of(shards[0].job)))
         for s in shards:
             for k, row in enumerate(_manifest_rows(s)):
-                w.writerow((row[0], s.first_row + int(row[1]), *row[2:]))
+                buf.write(csv_line((row[0], s.first_row + int(row[1]), *row[2:])))
                 if k % 4096 == 4095:
                     f.write(buf.getvalue().encode("utf-8", errors="surrogateescape"))
                     buf.seek(0)

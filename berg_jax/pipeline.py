@@ -218,10 +218,12 @@ def _group_by_size(
 def stack_clips(clips: list[Any]) -> Any:
     """(14, H, W, 3) clips -> (n, 14, H, W, 3): numpy on the host, or a jax.Array on the
     device where any clip is one already (NVDEC's): the host clips then go over, not the GPU's back."""
-    if any(isinstance(c, jax.Array) for c in clips):
+    on_device = [c for c in clips if isinstance(c, jax.Array)]
+    if on_device:
         import jax.numpy as jnp
 
-        return jnp.stack([jnp.asarray(c) for c in clips])
+        device = next(iter(on_device[0].devices()))  # the NVDEC clips' GPU, not JAX's default one
+        return jnp.stack([c if isinstance(c, jax.Array) else jax.device_put(c, device) for c in clips])
     return np.stack(clips)
 
 
@@ -473,7 +475,9 @@ def _encode_pending(
 
         decoded = gpu_decode.prefetch_clips(
             paths, bs, gpu_threads=gpu_decode_threads, cpu_threads=decode_threads if decoder == "both" else 0,
-            queue_size=2, skip=skip, routes=routes, gpu_id=getattr(model.device, "id", 0), pad_short=pad_short)
+            queue_size=2, skip=skip, routes=routes, pad_short=pad_short,
+            # CUDA's number for the GPU in this process (Device.id counts across all hosts)
+            gpu_id=getattr(model.device, "local_hardware_id", None) or 0)
     elif decode_workers:
         decoded = prefetch_clips_in_processes(paths, bs, read=read_clip, num_workers=decode_workers,
                                               queue_size=2, skip=skip, pad_short=pad_short)
@@ -667,17 +671,25 @@ def roi_means_from_components_file(
     written = {}
     bar = tqdm(total=n * len(heads), unit="video", disable=not show_progress, desc="components -> ROI means",
                dynamic_ncols=True)
-    for s, roi_head in heads.items():
-        target = out / roi_means_file(s)
-        with atomic_npy(target, (n, len(roi_head.names))) as mm:
-            for lo in range(0, n, batch_rows):
-                block = components[lo: lo + batch_rows]
-                mm[lo: lo + len(block)] = apply_head(block, roi_head.regression)
-                bar.update(len(block))
-        means = np.load(target, mmap_mode="r")
-        written[s] = (target, write_roi_means_csv(target.with_suffix(".csv"), means, roi_head.names, paths))
-        del means
-    bar.close()
+    try:
+        for s, roi_head in heads.items():
+            target = out / roi_means_file(s)
+            with atomic_npy(target, (n, len(roi_head.names))) as mm:
+                for lo in range(0, n, batch_rows):
+                    block = components[lo: lo + batch_rows]
+                    mm[lo: lo + len(block)] = apply_head(block, roi_head.regression)
+                    bar.update(len(block))
+            means = np.load(target, mmap_mode="r")
+            written[s] = (target, write_roi_means_csv(target.with_suffix(".csv"), means, roi_head.names, paths))
+            del means
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        done = ", ".join(p.name for pair in written.values() for p in pair) or "none"
+        raise out_of_space_error(out, f"sub-{s:02d}'s ROI means", cause=exc,
+                                 kept=f" (the files already written are complete: {done})") from None
+    finally:
+        bar.close()
     return written
 
 

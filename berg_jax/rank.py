@@ -19,8 +19,8 @@ order of preference, per subject:
 3. `components.npy` through the subject's ROI-mean head (needs `berg_dir`; any subject).
 
 Streaming: `batch_rows` rows at a time (default: about 64 MB of the array read), keeping
-only the best `top` and `bottom` candidates, so a million rows need no more memory than a
-block. Order: by value (largest first for the top, smallest first for the bottom), ties by
+only the best `top` and `bottom` candidates, so the arrays of a million rows need no more
+memory than a block (the input paths come from job.json, read whole). Order: by value (largest first for the top, smallest first for the bottom), ties by
 row (smaller first). A row whose value is NaN (a failed input, or a row not computed yet)
 is skipped and counted.
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from berg_jax import berg_files
-from berg_jax.atomic import atomic_write_text
+from berg_jax.atomic import atomic_write_text, csv_line
 from berg_jax.errors import UsageError, ValidationError
 from berg_jax.roi_means import CONFIG_KEY, read_csv_header, roi_means_file, roi_names, subject_of_file
 
@@ -433,15 +433,10 @@ def ranking_file_name(ranking: Ranking) -> str:
 def write_ranking_csv(ranking: Ranking, path: str | os.PathLike) -> Path:
     """The ranking as CSV (atomically): header `end,rank,row,path,value`, the top rows then
     the bottom rows, values as `%.9g` (a float32 ROI mean round-trips exactly)."""
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RANKING_COLUMNS)
-    for v in (*ranking.top, *ranking.bottom):
-        w.writerow((v.end, v.rank, v.row, v.path, "%.9g" % v.value))
+    text = csv_line(RANKING_COLUMNS) + "".join(
+        csv_line((v.end, v.rank, v.row, v.path, "%.9g" % v.value)) for v in (*ranking.top, *ranking.bottom))
     path = Path(path)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, text)
     return path
 
 

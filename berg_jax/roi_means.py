@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from berg_jax import berg_files, head
-from berg_jax.atomic import atomic_open
+from berg_jax.atomic import atomic_open, csv_field
 from berg_jax.fused import ROI_MEANS  # the outputs' key in `encode_outputs` and `BERG.encode`
 
 __all__ = ["CONFIG_KEY", "ROI_MEANS", "RoiHead", "fold_roi_means", "load_roi_head", "read_csv_header",
@@ -117,13 +117,6 @@ def subject_of_file(name: str) -> int | None:
     return int(stem[len(prefix):])
 
 
-def _csv_field(text: str) -> str:
-    """`text` as one CSV field, quoted as Python's csv module does by default (QUOTE_MINIMAL)."""
-    if any(c in text for c in ',"\r\n'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
 def write_roi_means_csv(path: str | os.PathLike, means: Any, names: Sequence[str],
                         paths: Sequence[str] | None = None, block_rows: int = CSV_BLOCK_ROWS) -> Path:
     """Write ROI means as CSV, atomically (temporary file, fsync, rename), streamed in blocks.
@@ -145,14 +138,14 @@ def write_roi_means_csv(path: str | os.PathLike, means: Any, names: Sequence[str
         raise ValueError(f"{path.name}: {n} rows but {len(paths)} paths")
     values_fmt = ",".join(["%.9g"] * r)
     with atomic_open(path) as f:
-        f.write((",".join(_csv_field(c) for c in ("path", "row", *names)) + "\n").encode("utf-8"))
+        f.write((",".join(csv_field(c) for c in ("path", "row", *names)) + "\n").encode("utf-8"))
         for lo in range(0, n, block_rows):
             block = np.asarray(means[lo: lo + block_rows], dtype=np.float64)
             nan = np.isnan(block)
             buf = io.StringIO()
             for j, (row, holes) in enumerate(zip(block.tolist(), nan.any(axis=1).tolist())):
                 i = lo + j
-                buf.write(f"{_csv_field(paths[i]) if paths is not None else ''},{i},")
+                buf.write(f"{csv_field(paths[i]) if paths is not None else ''},{i},")
                 if holes:  # a failed row: NaN in every column, written as empty fields
                     buf.write(",".join("" if v != v else "%.9g" % v for v in row))
                 else:

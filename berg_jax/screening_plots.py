@@ -325,7 +325,8 @@ def contact_sheet(
     fig = new_figure(*layout.size_inches)
     fig.patch.set_facecolor("white")
     fig_w, fig_h = layout.size_inches
-    heading = title if title is not None else f"{len(clips)} clips ranked by {value_label}"
+    heading = _display_text(title if title is not None else f"{len(clips)} clips ranked by {value_label}")
+    value_label = _display_text(value_label)
     fig.text(layout.margin / fig_w, 1 - (layout.margin + layout.title_height / 2) / fig_h, heading,
              ha="left", va="center", fontsize=13, fontweight="bold", color=_TEXT_COLOUR, parse_math=False)
     heading_y = 1 - (layout.margin + layout.title_height + layout.heading_height / 2) / fig_h
@@ -453,7 +454,7 @@ def roi_means_bars(
         ax.set_ylim(low - pad, high + pad)
     else:
         ax.set_ylim(-1.0, 1.0)
-    ax.set_ylabel(value_label, fontsize=9)
+    ax.set_ylabel(_display_text(value_label), fontsize=9)
     ax.tick_params(axis="y", labelsize=8)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
@@ -468,6 +469,6 @@ def roi_means_bars(
     fig.legend(handles=handles, fontsize=7.5, frameon=False, loc="center right",
                bbox_to_anchor=(1 - right / width, 1 - 0.55 / height), ncol=len(handles))
     if title is not None:
-        fig.text(left / width, 1 - 0.22 / height, title, ha="left", va="center", fontsize=11,
+        fig.text(left / width, 1 - 0.22 / height, _display_text(title), ha="left", va="center", fontsize=11,
                  fontweight="bold", parse_math=False)
     return save_figure(fig, path, dpi)

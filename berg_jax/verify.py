@@ -145,7 +145,10 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
         if state.kind != "ok":
             problem(name, state.detail)
         if state.kind in ("ok", "wrong_size"):  # a wrong-size file's rows inside it can still be checked
-            files[name] = NpyRows(folder / name, (n, width))
+            try:
+                files[name] = NpyRows(folder / name, (n, width))
+            except OSError as exc:
+                problem(name, f"unreadable ({exc.strerror or exc})")
 
     # ---- progress.jsonl, streamed: every batch's rows against its checksums, every row once
     journal = folder / PROGRESS_FILE
@@ -183,7 +186,11 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
                 for name, f in files.items():
                     if name not in recorded:
                         continue
-                    crc = f.crc32(e["rows"])
+                    try:
+                        crc = f.crc32(e["rows"])
+                    except OSError as exc:  # EIO on a failing disk: these rows are damage to list
+                        damaged[name, f"unreadable ({exc.strerror or exc})"] += e["rows"]
+                        continue
                     if crc is None:
                         damaged[name, "cut off: the file ends before them"] += e["rows"]
                     elif crc != recorded[name]:
@@ -230,8 +237,13 @@ def check_job_folder(folder: Path, report: Report, prefix: str = "", show_progre
         except FileNotFoundError:
             problem(name, "missing (run.json lists it)")
             continue
-        if found != crc:
-            problem(name, f"changed since the run finished (CRC-32 {found:08x}, recorded {int(crc):08x})")
+        except OSError as exc:  # a folder in its place, an I/O error: damage to list, not a crash
+            problem(name, f"unreadable ({exc.strerror or exc})")
+            continue
+        if not isinstance(crc, int) or isinstance(crc, bool):
+            problem(RUN_FILE, f"its CRC-32 of {name} is {crc!r}, not a number (edited or damaged)")
+        elif found != crc:
+            problem(name, f"changed since the run finished (CRC-32 {found:08x}, recorded {crc:08x})")
         else:
             report.files.append(prefix + name)
 

@@ -52,9 +52,7 @@ The NIfTI files beside them (`responses.nii.gz`, OUT/volumes/) are written by `v
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -64,7 +62,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from berg_jax.atomic import TMP_MARK, atomic_write_text, canonical_json, jsonable, pretty_json
+from berg_jax.atomic import TMP_MARK, atomic_write_text, canonical_json, csv_line, jsonable, pretty_json
 from berg_jax.errors import BERGError
 from berg_jax.npy_rows import (
     NpyRows,
@@ -386,16 +384,24 @@ class ResponseWriter:
         job_path, prog_path = out / JOB_FILE, out / PROGRESS_FILE
         advice = f"choose another --out, or delete {out} to start over"
         n_inputs = len(paths)
+        repairs: list[str] = []
         if job_path.exists():
             try:
                 old = json.loads(job_path.read_text("utf-8", errors="surrogateescape"))
-            except ValueError as e:
+                content = job_fingerprint(old)
+            except (ValueError, TypeError, AttributeError) as e:
                 raise OutputDirError(f"{job_path} is not valid JSON ({e}); {advice}") from e
-            if old.get("fingerprint") != job["fingerprint"]:
+            if job["fingerprint"] not in (old.get("fingerprint"), content):
                 raise OutputDirError(
                     f"{out} holds the results of a different job ({job_difference(old, job)}); "
                     f"{advice}"
                 )
+            if old.get("fingerprint") != content:
+                # Either its content or its fingerprint changed since it was written, and the
+                # other still names this job: damage, not another job. Written again whole.
+                atomic_write_text(job_path, pretty_json(job))
+                repairs.append(f"{JOB_FILE}: its content did not match its fingerprint (edited or damaged): "
+                               "written again")
         else:
             ours = job_files_present(out, columns)
             if ours:
@@ -413,7 +419,8 @@ class ResponseWriter:
         check_room(out, {name: file_bytes((n_inputs, columns[name])) for name in to_create}
                    | {name: st.expected_size - st.size for name, st in states.items()
                       if st.kind == "wrong_size" and st.expected_size > st.size})
-        if not job_path.exists():
+        new_job = not job_path.exists()
+        if new_job:
             # job.json goes first: every later file in OUT is then known to belong to it.
             atomic_write_text(job_path, pretty_json(job))
 
@@ -429,23 +436,33 @@ class ResponseWriter:
                 else:
                     to_keep.append(e)
             entries = to_keep
-        repairs: list[str] = []
-        repaired: set[str] = set()
-        for name, state in states.items():
-            if state.kind == "ok":
-                continue
-            if entries or state.kind != "missing":
+        repaired = {name for name, state in states.items() if state.kind != "ok"}
+        # Batches journaled without a checksum (older berg-jax) for an array about to be
+        # recreated or resized cannot be checked afterwards: drop them from the journal on
+        # disk *before* the array changes, so a crash in between cannot leave them trusted.
+        unverifiable = [e for e in entries if repaired - set(e.get(CHECKSUM_KEY) or {})]
+        if retried or unverifiable:
+            entries = [e for e in entries if not repaired - set(e.get(CHECKSUM_KEY) or {})]
+            atomic_write_text(prog_path, "".join(json.dumps(e) + "\n" for e in entries))
+            good_end = prog_path.stat().st_size
+        for name in repaired:
+            state = states[name]
+            if entries or unverifiable or state.kind != "missing":
                 repairs.append(f"{name}: {state.detail}: "
                                + ("recreated" if state.kind != "wrong_size" else "resized")
                                + "; its recorded rows are checked and computed again where lost")
-            repaired.add(name)
             if state.kind in ("missing", "bad_header"):
                 try:
                     create_nan_npy(out / name, (n_inputs, columns[name]))
                 except OSError as exc:
-                    if is_out_of_space(exc):
-                        raise out_of_space_error(out, name, file_bytes((n_inputs, columns[name])), exc) from None
-                    raise
+                    if not is_out_of_space(exc):
+                        raise
+                    if new_job:  # leave OUT as it was: nothing but the lock file
+                        for made in (n for n in repaired if n != name):
+                            (out / made).unlink(missing_ok=True)
+                        job_path.unlink(missing_ok=True)
+                        prog_path.unlink(missing_ok=True)
+                    raise out_of_space_error(out, name, file_bytes((n_inputs, columns[name])), exc) from None
         files: dict[str, NpyRows] = {}
         try:
             for name, width in columns.items():
@@ -460,7 +477,7 @@ class ResponseWriter:
                         raise
 
             # ---- every journaled batch must still hold what was written
-            kept, dropped = check_entries(files, entries, untrusted=repaired, show_progress=show_progress)
+            kept, dropped = check_entries(files, entries, show_progress=show_progress)
             by_arrays: dict[tuple[str, ...], list[int]] = {}  # one sentence per set of damaged arrays
             for entry, bad in dropped:
                 by_arrays.setdefault(tuple(bad), []).extend(entry["rows"])
@@ -470,9 +487,9 @@ class ResponseWriter:
                                "them again")
             journal = open(prog_path, "ab", buffering=0)
             try:
-                if dropped or retried:
-                    # Rewrite the journal without the dropped or retried batches, atomically, so a
-                    # crash now leaves either the old journal (checked again next time) or the new one.
+                if dropped:
+                    # Rewrite the journal without the dropped batches, atomically, so a crash now
+                    # leaves either the old journal (checked again next time) or the new one.
                     journal.close()
                     atomic_write_text(prog_path, "".join(json.dumps(e) + "\n" for e in kept))
                     journal = open(prog_path, "ab", buffering=0)
@@ -652,12 +669,9 @@ class ResponseWriter:
         if left:
             raise ValueError(f"{len(left)} inputs still pending (first: {left[:5]}); "
                              "write or mark_failed them before finish()")
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(manifest_columns_of(self.job))
-        w.writerows(self.manifest_rows())
+        text = csv_line(manifest_columns_of(self.job)) + "".join(csv_line(r) for r in self.manifest_rows())
         try:
-            atomic_write_text(self.out_dir / MANIFEST_FILE, buf.getvalue())
+            atomic_write_text(self.out_dir / MANIFEST_FILE, text)
         except OSError as exc:
             self._stop_on_full_disk(exc, MANIFEST_FILE)
             raise

@@ -555,3 +555,64 @@ def test_extra_manifest_columns_survive_resume_merge_and_verify(tmp_path: Path, 
     w.close()
     with pytest.raises(ValueError, match="new and distinct"):
         ResponseWriter.open(tmp_path / "misuse2", paths, 3, CONFIG, manifest_columns=("error",))
+
+
+def test_a_carriage_return_in_a_path_keeps_the_manifest_whole(tmp_path: Path) -> None:
+    import csv
+
+    paths = ["clips/a\rb.mp4", "clips/c,d.mp4", 'clips/"q".mp4', "clips/e\nf.mp4"]
+    w = ResponseWriter.open(tmp_path, paths, 2, CONFIG)
+    w.write_rows([0, 1, 2], np.zeros((3, 2), np.float32))
+    w.mark_failed(3, f"{paths[3]}: cannot decode\r it")
+    w.finish({})
+    with open(tmp_path / MANIFEST_FILE, newline="") as f:
+        rows = list(csv.reader(f))
+    assert [r[0] for r in rows[1:]] == paths and rows[4][3] == f"{paths[3]}: cannot decode\r it"
+    assert verify_folder(tmp_path).ok
+
+
+def test_an_edited_job_json_is_written_again_on_resume(tmp_path: Path, reference: Path) -> None:
+    out = finished_copy(reference, tmp_path)
+    job = json.loads((out / "job.json").read_text())
+    original = (out / "job.json").read_bytes()
+    job["inputs"][0] = "videos/someone_elses.mp4"  # content changed, fingerprint kept
+    (out / "job.json").write_text(json.dumps(job))
+    assert problems(out)[0] == "job.json: its fingerprint does not match its content (edited or damaged)"
+    pending, repairs = resume(out)
+    assert pending == [] and repairs == ["job.json: its content did not match its fingerprint (edited or "
+                                         "damaged): written again"]
+    assert (out / "job.json").read_bytes() == original and verify_folder(out).ok
+    job = json.loads(original)
+    job["fingerprint"] = "0" * 64  # the fingerprint damaged, the content this job's
+    (out / "job.json").write_text(json.dumps(job))
+    assert resume(out)[1][0].startswith("job.json: its content did not match")
+    assert (out / "job.json").read_bytes() == original
+
+
+def test_a_legacy_journal_is_cut_before_its_array_is_rebuilt(tmp_path: Path, reference: Path) -> None:
+    out = finished_copy(reference, tmp_path)
+    lines = [json.loads(line) for line in (out / PROGRESS_FILE).read_text().splitlines()]
+    (out / PROGRESS_FILE).write_text("".join(json.dumps({k: v for k, v in e.items() if k != "crc32"}) + "\n"
+                                             for e in lines))
+    (out / RESPONSES_FILE).unlink()
+    w = ResponseWriter.open(out, PATHS, N_VOX, CONFIG)
+    assert w.pending() == list(range(N_IN))
+    w.close()  # killed right after the rebuild: the journal on disk no longer trusts those rows
+    assert (out / PROGRESS_FILE).read_bytes() == b""
+    assert resume(out)[0] == list(range(N_IN))
+    assert_same_as(out, reference)
+
+
+def test_no_room_found_by_fallocate_leaves_only_the_lock(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import berg_jax.writer as writer_module
+
+    def full(path, shape):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")  # a quota statvfs did not show
+
+    monkeypatch.setattr(writer_module, "create_nan_npy", full)
+    out = tmp_path / "out"
+    with pytest.raises(OutOfSpaceError, match="Disk quota exceeded"):
+        ResponseWriter.open(out, PATHS, N_VOX, CONFIG)
+    assert sorted(p.name for p in out.iterdir()) == [".berg-jax.lock"]

@@ -185,3 +185,11 @@ def test_without_matplotlib_it_says_how_to_install_it(videos, tmp_path, monkeypa
     with pytest.raises(PlotDependencyError, match=r"pip install 'berg-jax\[plot\]'"):
         sp.roi_means_bars(np.zeros(2), ["lFFA", "rFFA"], tmp_path / "bars.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_titles_with_undecodable_file_names_draw(videos, tmp_path):
+    name = os.fsdecode(b"clip_\xff\xfe.mp4")  # bytes that are not UTF-8, as Python holds them
+    sp.roi_means_bars(np.ones(2), ["lFFA", "rFFA"], tmp_path / "bars.png", title=f"{name}: top 1",
+                      value_label=name)
+    sp.contact_sheet([(1, videos[0], 1.0)], tmp_path / "sheet.png", title=f"{name}: top 1", value_label=name)
+    assert read_png(tmp_path / "bars.png").size and read_png(tmp_path / "sheet.png").size

@@ -54,6 +54,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         from berg_jax.screening_plots import require_matplotlib
 
         require_matplotlib()  # before the ranking, which may read a million rows
+    if args.bars and not any(Path(args.out).glob("roi_means_sub-*.npy")):
+        raise UsageError(f"--bars draws OUT's ROI means, and {args.out} holds none: encode with --roi-means "
+                         "(or run `berg-jax responses --roi-means`) first, or leave --bars out")
     ranking = rank_videos(args.out, args.roi, minus_roi=args.minus_roi, subject=args.subject,
                           mean_over_subjects=args.mean_over_subjects, top=args.top,
                           bottom=args.top if args.bottom else 0, berg_dir=args.berg_dir)
