@@ -335,7 +335,7 @@ def test_ctrl_c_then_kill_9_then_resume_is_byte_identical(env, tmp_path, capsys)
         pytest.skip("the run finished before it could be interrupted")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, f"stderr: {stderr!r}; stdout: {stdout!r}"
     assert "interrupted; run the same command again to resume" in stderr and "Traceback" not in stderr
     assert not (out / "manifest.csv").exists()
     after_ctrl_c = _journal_lines(out)

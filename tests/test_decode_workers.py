@@ -381,9 +381,9 @@ def test_encode_ctrl_c_leaves_no_workers_and_resumes_byte_identical(tmp_path, ca
     child_env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
                  "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     # Output to files, not pipes: a stray worker would hold a pipe open and hide behind a hang.
-    with open(tmp_path / "stderr", "w") as err:
+    with open(tmp_path / "stderr", "w") as err, open(tmp_path / "stdout", "w") as std:
         proc = subprocess.Popen([sys.executable, "-m", "berg_jax.cli", *argv(out, 2)], env=child_env,
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=std, stderr=err)
     workers: set[int] = set()
     try:
         wait_for(lambda: b'"ok"' in _journal(out) or proc.poll() is not None, "a journaled row")
@@ -399,7 +399,7 @@ def test_encode_ctrl_c_leaves_no_workers_and_resumes_byte_identical(tmp_path, ca
         proc.wait()
         kill_survivors(workers)
     stderr = (tmp_path / "stderr").read_text()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, f"stderr: {stderr!r}; stdout: {(tmp_path / 'stdout').read_text()!r}"
     assert "interrupted; run the same command again to resume" in stderr and "Traceback" not in stderr
     assert not (out / "manifest.csv").exists()
 
