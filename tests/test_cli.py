@@ -28,6 +28,7 @@ from berg_jax import cli  # noqa: E402
 from berg_jax.berg_files import N_VOXELS, load_metadata, roi_voxel_indices  # noqa: E402
 from berg_jax.synthetic_berg import make_synthetic_model  # noqa: E402
 from tests import video_fixtures as vf  # noqa: E402
+from tests.processes import sigint_not_ignored  # noqa: E402
 
 N_VOX = N_VOXELS[1]
 REPO = Path(__file__).resolve().parents[1]
@@ -329,7 +330,8 @@ def test_ctrl_c_then_kill_9_then_resume_is_byte_identical(env, tmp_path, capsys)
                  "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
     # 1. Ctrl-C after the first batch is on disk: exit 130, a hint to resume, no manifest.
-    proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with sigint_not_ignored():
+        proc = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not _wait_for(lambda: b'"ok"' in (out / "progress.jsonl").read_bytes()
                      if (out / "progress.jsonl").exists() else False, proc):
         pytest.skip("the run finished before it could be interrupted")

@@ -37,6 +37,7 @@ from berg_jax.decode_workers import (  # noqa: E402
 )
 from berg_jax.errors import InvalidParameterError  # noqa: E402
 from tests import video_fixtures as vf  # noqa: E402
+from tests.processes import sigint_not_ignored  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches processes through /proc (Linux)")
@@ -382,8 +383,9 @@ def test_encode_ctrl_c_leaves_no_workers_and_resumes_byte_identical(tmp_path, ca
                  "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     # Output to files, not pipes: a stray worker would hold a pipe open and hide behind a hang.
     with open(tmp_path / "stderr", "w") as err, open(tmp_path / "stdout", "w") as std:
-        proc = subprocess.Popen([sys.executable, "-m", "berg_jax.cli", *argv(out, 2)], env=child_env,
-                                stdout=std, stderr=err)
+        with sigint_not_ignored():  # the child must see Ctrl-C even when pytest ignores it
+            proc = subprocess.Popen([sys.executable, "-m", "berg_jax.cli", *argv(out, 2)], env=child_env,
+                                    stdout=std, stderr=err)
     workers: set[int] = set()
     try:
         wait_for(lambda: b'"ok"' in _journal(out) or proc.poll() is not None, "a journaled row")
