@@ -189,9 +189,6 @@ class NpyRows:
             _pwrite_all(self.fd, memoryview(values[pos:pos + count]).cast("B"),
                         self.offset + first * self.row_bytes)
 
-    def write_nan(self, rows: Sequence[int]) -> None:
-        self.write_rows(rows, np.full((len(rows), self.shape[1]), np.nan, DTYPE))
-
     def sync(self) -> None:
         """The rows written so far are on disk when this returns (fdatasync)."""
         (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self.fd)

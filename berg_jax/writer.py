@@ -752,24 +752,17 @@ def check_room(out: Path, needs: dict[str, int]) -> None:
         raise out_of_space_error(out, f"{biggest} (one file of {needs[biggest]:,} bytes)", needs[biggest])
 
 
-def entry_damage(files: dict[str, NpyRows], entry: dict, untrusted: Iterable[str] = ()) -> list[str]:
+def entry_damage(files: dict[str, NpyRows], entry: dict) -> list[str]:
     """The arrays whose rows in journal `entry` no longer match the checksums it recorded.
 
-    An array the entry has no checksum for counts as damaged only when it is in `untrusted`
-    (recreated or resized: the rows may be lost, and nothing can show they are not).
+    An array the entry has no checksum for (older berg-jax) is trusted: `ResponseWriter.open`
+    drops such entries itself before it rebuilds an array they cover.
     """
     recorded = entry.get(CHECKSUM_KEY) or {}
-    bad = []
-    for name, f in files.items():
-        if name in recorded:
-            if f.crc32(entry["rows"]) != recorded[name]:
-                bad.append(name)
-        elif name in untrusted:
-            bad.append(name)
-    return bad
+    return [name for name, f in files.items() if name in recorded and f.crc32(entry["rows"]) != recorded[name]]
 
 
-def check_entries(files: dict[str, NpyRows], entries: list[dict], untrusted: Iterable[str] = (),
+def check_entries(files: dict[str, NpyRows], entries: list[dict],
                   show_progress: bool = False) -> tuple[list[dict], list[tuple[dict, list[str]]]]:
     """Split journal entries into those whose rows still match their checksums and the others.
 
@@ -778,14 +771,16 @@ def check_entries(files: dict[str, NpyRows], entries: list[dict], untrusted: Ite
     """
     from tqdm.auto import tqdm
 
-    untrusted = set(untrusted)
     row_bytes = sum(f.row_bytes for f in files.values())
     total = sum(len(e["rows"]) for e in entries) * row_bytes
     kept, dropped = [], []
     with tqdm(total=total, unit="B", unit_scale=True, desc="checking recorded rows", dynamic_ncols=True,
               disable=not show_progress or total < _VERIFY_BAR_BYTES) as bar:
         for e in entries:
-            bad = entry_damage(files, e, untrusted)
-            (dropped.append((e, bad)) if bad else kept.append(e))
+            bad = entry_damage(files, e)
+            if bad:
+                dropped.append((e, bad))
+            else:
+                kept.append(e)
             bar.update(len(e["rows"]) * row_bytes)
     return kept, dropped
