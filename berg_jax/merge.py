@@ -41,7 +41,7 @@ from berg_jax.distributed import (
     shard_rows,
 )
 from berg_jax.errors import UsageError
-from berg_jax.npy_rows import file_crc32, is_out_of_space
+from berg_jax.npy_rows import file_crc32
 from berg_jax.verify import Report, check_job_folder
 from berg_jax.roi_means import write_csvs_for_job
 from berg_jax.writer import (
@@ -59,7 +59,7 @@ from berg_jax.writer import (
     job_record,
     lock_dir,
     manifest_columns_of,
-    out_of_space_error,
+    no_room_is_an_error,
     read_journal,
 )
 
@@ -234,13 +234,8 @@ def merge_shards(out: str | os.PathLike) -> dict:
             if info.n_rows:
                 locks.append(_lock(info.folder, f"shard {i} of {count}"))
             shards.append(info)
-        try:
+        with no_room_is_an_error(out, "the merged files", kept=" (the shards are untouched; the merge starts over)"):
             return _merge_locked(out, root, count, shards, locks)
-        except OSError as exc:
-            if not is_out_of_space(exc):
-                raise
-            raise out_of_space_error(out, "the merged files", cause=exc,
-                                     kept=" (the shards are untouched; the merge starts over)") from None
     finally:
         for lock in locks:
             if lock is not None:

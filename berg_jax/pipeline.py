@@ -27,7 +27,6 @@ response in z-scored units, and nilearn/FSL/AFNI treat NaN as "no value".
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -52,7 +51,7 @@ from berg_jax.fused import ROI_MEANS, flat_outputs
 from berg_jax.roi_means import CONFIG_KEY as ROI_MEANS_CONFIG
 from berg_jax.roi_means import roi_means_file, write_csvs_for_job, write_roi_means_csv
 from berg_jax.errors import InvalidParameterError
-from berg_jax.npy_rows import file_bytes, format_rows, is_out_of_space
+from berg_jax.npy_rows import file_bytes, format_rows
 from berg_jax.video import prefetch_clips, read_clip
 from berg_jax.volumes import volume_file_name, write_responses_nifti
 from berg_jax.writer import (
@@ -63,7 +62,7 @@ from berg_jax.writer import (
     RESPONSES_FILE,
     RUN_FILE,
     ResponseWriter,
-    out_of_space_error,
+    no_room_is_an_error,
 )
 
 __all__ = ["PLOTS_DIR", "encode_files", "job_config", "output_files", "plot_file_name", "responses_from_components_file",
@@ -416,17 +415,10 @@ def retry_note(retried: dict[int, str]) -> dict | None:
     }
 
 
-@contextlib.contextmanager
-def stop_on_full_disk(writer: ResponseWriter, what: str) -> Iterator[None]:
-    """A write of `what` into OUT that finds no room raises `writer.OutOfSpaceError` (the rows stay recorded)."""
-    try:
-        yield
-    except OSError as exc:
-        if not is_out_of_space(exc):
-            raise
-        raise out_of_space_error(writer.out_dir, what, cause=exc,
-                                 kept=f": it resumes; all {writer.n_inputs} rows are recorded, only "
-                                      f"{what} is written again") from None
+def stop_on_full_disk(writer: ResponseWriter, what: str) -> Any:
+    """`no_room_is_an_error` for a file written after every row is recorded: a rerun writes only it again."""
+    return no_room_is_an_error(writer.out_dir, what, kept=f": it resumes; all {writer.n_inputs} rows are "
+                                                          f"recorded, only {what} is written again")
 
 
 def _version() -> str:
@@ -620,22 +612,20 @@ def responses_from_components_file(
     for s, regression in heads.items():
         target = out / responses_file(s, one)
         shape = (n, regression["coef"].shape[1])
-        try:
-            with atomic_npy(target, shape) as mm:
-                for lo in range(0, n, batch_rows):
-                    block = components[lo: lo + batch_rows]
-                    mm[lo: lo + len(block)] = apply_head(block, regression)
-                    bar.update(len(block))
-        except OSError as exc:
-            if not is_out_of_space(exc):
-                raise
-            bar.close()
-            done = ", ".join(p.name for p in written.values()) or "none"
-            raise out_of_space_error(out, target.name, file_bytes(shape), exc,
-                                     kept=f" (the files already written are complete: {done})") from None
+        with no_room_is_an_error(out, target.name, file_bytes(shape), kept=lambda: _complete(written.values())), \
+                atomic_npy(target, shape) as mm:
+            for lo in range(0, n, batch_rows):
+                block = components[lo: lo + batch_rows]
+                mm[lo: lo + len(block)] = apply_head(block, regression)
+                bar.update(len(block))
         written[s] = target
     bar.close()
     return written
+
+
+def _complete(paths: Any) -> str:
+    """What a rerun after a full disk finds already done: " (the files already written are complete: ...)"."""
+    return f" (the files already written are complete: {', '.join(p.name for p in paths) or 'none'})"
 
 
 def roi_means_from_components_file(
@@ -674,20 +664,16 @@ def roi_means_from_components_file(
     try:
         for s, roi_head in heads.items():
             target = out / roi_means_file(s)
-            with atomic_npy(target, (n, len(roi_head.names))) as mm:
-                for lo in range(0, n, batch_rows):
-                    block = components[lo: lo + batch_rows]
-                    mm[lo: lo + len(block)] = apply_head(block, roi_head.regression)
-                    bar.update(len(block))
-            means = np.load(target, mmap_mode="r")
-            written[s] = (target, write_roi_means_csv(target.with_suffix(".csv"), means, roi_head.names, paths))
-            del means
-    except OSError as exc:
-        if not is_out_of_space(exc):
-            raise
-        done = ", ".join(p.name for pair in written.values() for p in pair) or "none"
-        raise out_of_space_error(out, f"sub-{s:02d}'s ROI means", cause=exc,
-                                 kept=f" (the files already written are complete: {done})") from None
+            with no_room_is_an_error(out, f"sub-{s:02d}'s ROI means",
+                                     kept=lambda: _complete(p for pair in written.values() for p in pair)):
+                with atomic_npy(target, (n, len(roi_head.names))) as mm:
+                    for lo in range(0, n, batch_rows):
+                        block = components[lo: lo + batch_rows]
+                        mm[lo: lo + len(block)] = apply_head(block, roi_head.regression)
+                        bar.update(len(block))
+                means = np.load(target, mmap_mode="r")
+                written[s] = (target, write_roi_means_csv(target.with_suffix(".csv"), means, roi_head.names, paths))
+                del means
     finally:
         bar.close()
     return written

@@ -52,13 +52,14 @@ The NIfTI files beside them (`responses.nii.gz`, OUT/volumes/) are written by `v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -141,6 +142,24 @@ def out_of_space_error(out: Path, what: str, needed: int | None = None, cause: B
     return OutOfSpaceError(
         f"no room in {out} for {what} ({'; '.join(facts)}): free some space (or raise the quota / "
         f"limit) or choose another --out, then run the same command again{kept}")
+
+
+@contextlib.contextmanager
+def no_room_is_an_error(out: Path, what: str, needed: int | None = None,
+                        kept: str | Callable[[], str] = "") -> Iterator[None]:
+    """Inside, an OSError that means no room (`npy_rows.is_out_of_space`) becomes `OutOfSpaceError`.
+
+    The one place every writer into OUT (this writer, the NIfTIs, plots and CSVs, merge,
+    components -> responses) turns ENOSPC / EDQUOT / EFBIG into the error that names OUT,
+    `what`, the bytes and the fix; other OSErrors pass unchanged. `kept`: what the rerun
+    keeps, appended to the message (a callable is asked only when the error happens).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        raise out_of_space_error(out, what, needed, exc, kept() if callable(kept) else kept) from None
 
 
 # --------------------------------------------------------------------------- the writer
@@ -453,28 +472,23 @@ class ResponseWriter:
                                + "; its recorded rows are checked and computed again where lost")
             if state.kind in ("missing", "bad_header"):
                 try:
-                    create_nan_npy(out / name, (n_inputs, columns[name]))
-                except OSError as exc:
-                    if not is_out_of_space(exc):
-                        raise
+                    with no_room_is_an_error(out, name, file_bytes((n_inputs, columns[name]))):
+                        create_nan_npy(out / name, (n_inputs, columns[name]))
+                except OutOfSpaceError:
                     if new_job:  # leave OUT as it was: nothing but the lock file
                         for made in (n for n in repaired if n != name):
                             (out / made).unlink(missing_ok=True)
                         job_path.unlink(missing_ok=True)
                         prog_path.unlink(missing_ok=True)
-                    raise out_of_space_error(out, name, file_bytes((n_inputs, columns[name])), exc) from None
+                    raise
         files: dict[str, NpyRows] = {}
         try:
             for name, width in columns.items():
                 files[name] = NpyRows(out / name, (n_inputs, width), writable=True)
                 if states[name].kind == "wrong_size":
-                    try:
+                    size = states[name].expected_size
+                    with no_room_is_an_error(out, f"{name} (resized to {size:,} bytes)", size):
                         files[name].resize()
-                    except OSError as exc:
-                        if is_out_of_space(exc):
-                            raise out_of_space_error(out, f"{name} (resized to {states[name].expected_size:,} "
-                                                          "bytes)", states[name].expected_size, exc) from None
-                        raise
 
             # ---- every journaled batch must still hold what was written
             kept, dropped = check_entries(files, entries, show_progress=show_progress)
@@ -554,24 +568,22 @@ class ResponseWriter:
             raise OutputDirError(f"the writer of {self.out_dir} stopped after an earlier error (or was closed); "
                                  "run the same command again to resume")
         line = memoryview((json.dumps(entry) + "\n").encode("ascii"))
-        try:
-            while line:  # unbuffered: a failed write leaves nothing queued to retry at close
-                line = line[self._journal.write(line):]
-            os.fsync(self._journal.fileno())
-        except OSError as exc:
-            # What reached the file is a torn line at worst, which the next open cuts off.
-            self._journal.close()
-            self._journal = None
-            self._stop_on_full_disk(exc, PROGRESS_FILE)
-            raise
+        with self._no_room(PROGRESS_FILE):
+            try:
+                while line:  # unbuffered: a failed write leaves nothing queued to retry at close
+                    line = line[self._journal.write(line):]
+                os.fsync(self._journal.fileno())
+            except OSError:
+                # What reached the file is a torn line at worst, which the next open cuts off.
+                self._journal.close()
+                self._journal = None
+                raise
 
-    def _stop_on_full_disk(self, exc: OSError, what: str) -> None:
-        """Turn a write that found no room into OutOfSpaceError; other OSErrors pass."""
-        if is_out_of_space(exc):
-            n_done = int(np.count_nonzero(self._status))
-            raise out_of_space_error(
-                self.out_dir, what, cause=exc,
-                kept=f": it resumes, keeping the {n_done} rows already recorded") from None
+    def _no_room(self, what: str) -> Any:
+        """`no_room_is_an_error` for a write of `what` by this writer: the rerun keeps the recorded rows."""
+        return no_room_is_an_error(
+            self.out_dir, what,
+            kept=lambda: f": it resumes, keeping the {int(np.count_nonzero(self._status))} rows already recorded")
 
     def write_rows(self, indices: Sequence[int], responses: np.ndarray | dict[str, np.ndarray],
                    notes: dict[str, Sequence[str]] | None = None) -> None:
@@ -615,11 +627,8 @@ class ResponseWriter:
     def _store(self, idx: np.ndarray, values: dict[str, np.ndarray], entry: dict) -> None:
         """Write every array's rows, sync them, then journal `entry` with their checksums."""
         for name, v in values.items():
-            try:
+            with self._no_room(name):
                 self._files[name].write_rows(idx, v)
-            except OSError as exc:
-                self._stop_on_full_disk(exc, name)
-                raise
         # Rows must be on disk before the journal says they are (fdatasync, then append+fsync).
         for f in self._files.values():
             f.sync()
@@ -670,11 +679,8 @@ class ResponseWriter:
             raise ValueError(f"{len(left)} inputs still pending (first: {left[:5]}); "
                              "write or mark_failed them before finish()")
         text = csv_line(manifest_columns_of(self.job)) + "".join(csv_line(r) for r in self.manifest_rows())
-        try:
+        with self._no_room(MANIFEST_FILE):
             atomic_write_text(self.out_dir / MANIFEST_FILE, text)
-        except OSError as exc:
-            self._stop_on_full_disk(exc, MANIFEST_FILE)
-            raise
         checksums = {}
         for name in (MANIFEST_FILE, *checked_files):
             rel = Path(name).relative_to(self.out_dir) if Path(name).is_absolute() else Path(name)
@@ -691,11 +697,8 @@ class ResponseWriter:
             "arrays": self.columns,
             FILE_CHECKSUMS_KEY: checksums,
         }
-        try:
+        with self._no_room(RUN_FILE):
             atomic_write_text(self.out_dir / RUN_FILE, pretty_json(run))
-        except OSError as exc:
-            self._stop_on_full_disk(exc, RUN_FILE)
-            raise
         self.close()
         return run
 
