@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from berg_jax.errors import BERGError, InvalidParameterError, VideoReadError
-from berg_jax.video import batches_in_order
+from berg_jax.video import batches_in_order, input_batches
 
 __all__ = [
     "DecodeWorkerError",
@@ -587,10 +587,7 @@ def prefetch_clips(
                                     f"decode workers: {type(exc).__name__}: {exc}") from None
     config = {"read": DEFAULT_READ if read is None else _read_function_name(read),
               "kwargs": read_kwargs, "sys_path": list(sys.path)}
-    skip = skip or frozenset()
-    todo = [i for i in range(len(paths)) if i not in skip]
-    batches = iter([todo[s: s + batch_size] for s in range(0, len(todo), batch_size)])
-    return _prefetch(paths, batches, config, num_workers, queue_size)
+    return _prefetch(paths, input_batches(len(paths), batch_size, skip), config, num_workers, queue_size)
 
 
 def _prefetch(

@@ -52,6 +52,7 @@ import numpy as np
 
 from berg_jax.errors import InvalidParameterError, VideoReadError
 from berg_jax.frames import N_FRAMES, sample_frame_indices
+from berg_jax.video import batches_in_order, input_batches
 from berg_jax.video import keyframes_reordered as packets_reordered
 
 __all__ = [
@@ -704,19 +705,14 @@ def prefetch_clips(
     """
     if batch_size < 1:
         raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}")
-    skip = skip or frozenset()
-    todo = [i for i in range(len(paths)) if i not in skip]
-    batches = iter([todo[s: s + batch_size] for s in range(0, len(todo), batch_size)])
     pool = DecodePool(gpu_threads, cpu_threads, gpu_id=gpu_id, make_reader=make_reader or GpuClipReader,
                       **read_kwargs)
-    return _prefetch(paths, batches, pool, queue_size, routes)
+    return _prefetch(paths, input_batches(len(paths), batch_size, skip), pool, queue_size, routes)
 
 
 def _prefetch(paths: list[str], batches: Any, pool: DecodePool, queue_size: int,
               routes: dict[int, tuple[str, str | None]] | None) -> Any:
     # A separate generator so that argument errors raise at the call, not at first next().
-    from berg_jax.video import batches_in_order
-
     try:
         # The pool's futures resolve to Decoded (or a failure message, which batches_in_order
         # sorts into errors); unwrap each clip here, noting who decoded it.

@@ -707,10 +707,8 @@ def prefetch_clips(
         raise InvalidParameterError(f"num_threads must be >= 1, got {num_threads}")
     if queue_size < 0:
         raise InvalidParameterError(f"queue_size must be >= 0, got {queue_size}")
-    skip = skip or frozenset()
-    todo = [i for i in range(len(paths)) if i not in skip]
-    batches = iter([todo[s : s + batch_size] for s in range(0, len(todo), batch_size)])
-    return _prefetch(paths, batches, read, num_threads, queue_size, read_kwargs)
+    return _prefetch(paths, input_batches(len(paths), batch_size, skip), read, num_threads, queue_size,
+                     read_kwargs)
 
 
 def _prefetch(
@@ -730,6 +728,14 @@ def _prefetch(
         # Runs on exhaustion, close(), a thrown exception and garbage collection alike:
         # drop what has not started, wait for the (at most num_threads) running decodes.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def input_batches(n_inputs: int, batch_size: int,
+                  skip: set[int] | frozenset[int] | None = None) -> Iterator[list[int]]:
+    """Indices 0..n_inputs-1 but `skip`, in order, `batch_size` at a time: what every prefetcher decodes."""
+    skip = skip or frozenset()
+    todo = [i for i in range(n_inputs) if i not in skip]
+    return iter([todo[s: s + batch_size] for s in range(0, len(todo), batch_size)])
 
 
 def batches_in_order(
