@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib import format as npy_format
 
 from berg_jax.errors import InvalidParameterError, ModelLoadError, ValidationError
+from berg_jax.npy_rows import read_npy_header
 
 MODEL_ID = "fmri-bmd-s3d"
 MODEL_ROOT = "encoding_models/modality-fmri/train_dataset-bmd/model-s3d"
@@ -194,13 +194,7 @@ def load_pickled_npy(
         raise ModelLoadError(f"{label}: cannot open {path}: {exc}") from exc
     with fh:
         try:
-            version = npy_format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran_order, dtype = npy_format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = npy_format.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran_order, dtype = read_npy_header(fh)
         except (ValueError, OSError, EOFError) as exc:
             raise ModelLoadError(
                 f"{label}: not a readable .npy file (truncated or corrupt header): {exc}"

@@ -23,6 +23,7 @@ import io
 import os
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,20 @@ class NpyState:
     expected_size: int = 0
 
 
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy whose start `f` (a binary file) is at; `f` is left at its data.
+
+    Raises whatever numpy's header readers raise for a damaged header (ValueError and the
+    like), and ValueError for a format version other than 1.0 and 2.0.
+    """
+    version = npy_format.read_magic(f)
+    if version == (1, 0):
+        return npy_format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return npy_format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
 def inspect_npy(path: Path, shape: tuple[int, int]) -> NpyState:
     """Check that `path` is float32 C-order `shape` and exactly as long as that needs."""
     expected = file_bytes(shape)
@@ -79,13 +94,7 @@ def inspect_npy(path: Path, shape: tuple[int, int]) -> NpyState:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             try:
-                version = npy_format.read_magic(f)
-                if version == (1, 0):
-                    found_shape, fortran, dtype = npy_format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    found_shape, fortran, dtype = npy_format.read_array_header_2_0(f)
-                else:
-                    raise ValueError(f"unknown .npy version {version}")
+                found_shape, fortran, dtype = read_npy_header(f)
             except (ValueError, OSError, SyntaxError, TypeError) as exc:
                 return NpyState("bad_header", f"its .npy header is unreadable ({exc})", size, expected)
             offset = f.tell()
