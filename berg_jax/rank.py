@@ -40,11 +40,10 @@ from berg_jax import berg_files
 from berg_jax.atomic import atomic_write_text, csv_line
 from berg_jax.errors import UsageError, ValidationError
 from berg_jax.roi_means import CONFIG_KEY, read_csv_header, roi_means_file, roi_names, subject_of_file
+from berg_jax.writer import COMPONENTS_FILE, JOB_FILE
 
 __all__ = ["RankedVideo", "Ranking", "rank_videos", "ranked_roi_means", "ranking_file_name", "write_ranking_csv"]
 
-JOB_FILE = "job.json"  # an encode folder's job record (`writer.JOB_FILE`; read here as plain JSON)
-COMPONENTS_FILE = "components.npy"
 BLOCK_BYTES = 64 << 20  # default rows per block: about this many bytes of the array read
 RANKING_COLUMNS = ("end", "rank", "row", "path", "value")
 
