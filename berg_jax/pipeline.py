@@ -598,7 +598,7 @@ def responses_from_components_file(
     """
     from tqdm.auto import tqdm
 
-    from berg_jax.api import apply_head, load_heads
+    from berg_jax.api import load_heads
 
     components = _read_components(components_path, berg_dir)
     out = _components_out_dir(out_dir)
@@ -612,15 +612,24 @@ def responses_from_components_file(
     for s, regression in heads.items():
         target = out / responses_file(s, one)
         shape = (n, regression["coef"].shape[1])
-        with no_room_is_an_error(out, target.name, file_bytes(shape), kept=lambda: _complete(written.values())), \
-                atomic_npy(target, shape) as mm:
-            for lo in range(0, n, batch_rows):
-                block = components[lo: lo + batch_rows]
-                mm[lo: lo + len(block)] = apply_head(block, regression)
-                bar.update(len(block))
+        with no_room_is_an_error(out, target.name, file_bytes(shape), kept=lambda: _complete(written.values())):
+            _head_to_npy(components, regression, target, batch_rows, bar)
         written[s] = target
     bar.close()
     return written
+
+
+def _head_to_npy(components: np.ndarray, regression: Any, target: Path, batch_rows: int, bar: Any) -> None:
+    """(n, K) components through one head, `batch_rows` at a time, into the float32 (n, columns) .npy `target`
+    (written under a temporary name, renamed when whole); `bar` counts the rows."""
+    from berg_jax.api import apply_head
+
+    n = components.shape[0]
+    with atomic_npy(target, (n, regression["coef"].shape[1])) as mm:
+        for lo in range(0, n, batch_rows):
+            block = components[lo: lo + batch_rows]
+            mm[lo: lo + len(block)] = apply_head(block, regression)
+            bar.update(len(block))
 
 
 def _complete(paths: Any) -> str:
@@ -650,7 +659,7 @@ def roi_means_from_components_file(
     """
     from tqdm.auto import tqdm
 
-    from berg_jax.api import apply_head, load_roi_heads
+    from berg_jax.api import load_roi_heads
 
     components = _read_components(components_path, berg_dir)
     out = _components_out_dir(out_dir)
@@ -666,11 +675,7 @@ def roi_means_from_components_file(
             target = out / roi_means_file(s)
             with no_room_is_an_error(out, f"sub-{s:02d}'s ROI means",
                                      kept=lambda: _complete(p for pair in written.values() for p in pair)):
-                with atomic_npy(target, (n, len(roi_head.names))) as mm:
-                    for lo in range(0, n, batch_rows):
-                        block = components[lo: lo + batch_rows]
-                        mm[lo: lo + len(block)] = apply_head(block, roi_head.regression)
-                        bar.update(len(block))
+                _head_to_npy(components, roi_head.regression, target, batch_rows, bar)
                 means = np.load(target, mmap_mode="r")
                 written[s] = (target, write_roi_means_csv(target.with_suffix(".csv"), means, roi_head.names, paths))
                 del means
